@@ -1,0 +1,22 @@
+"""attnrhythm: the preplan-and-anchor rhythm of LLM reasoning, visible and trainable."""
+from .capture import attention_maps, capture_statistics
+from .config import RhythmConfig, select_layers
+from .heads import HeadSets, classify_heads
+from .metrics import RhythmResult, calibrate_heads, receiver_kurtosis, rhythm_from_attentions, rhythm_from_stats
+from .stats import AttentionStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionStats", "HeadSets", "RhythmConfig", "RhythmResult", "attention_maps", "calibrate_heads",
+    "capture_statistics", "classify_heads", "receiver_kurtosis", "rhythm_from_attentions",
+    "rhythm_from_stats", "select_layers",
+]
+
+
+def __getattr__(name):
+    # credit lives in its own module; imported lazily so `import attnrhythm` stays light
+    if name in ("credit_gamma",):
+        from . import credit
+        return getattr(credit, name)
+    raise AttributeError(f"module 'attnrhythm' has no attribute {name!r}")
