@@ -114,12 +114,14 @@ def token_entropy(model, hidden: Tensor, temperature: float = 1.0, chunk_bytes: 
 
 def capture_statistics(model, input_ids: Tensor, attention_mask: Tensor | None = None, *,
                        config: RhythmConfig | None = None, layers=None, backend: str = "streaming",
-                       entropy: bool = True, block_bytes: int = streaming.DEFAULT_BLOCK_BYTES) -> AttentionStats:
+                       entropy: bool = True, block_bytes: int | None = None) -> AttentionStats:
     """Attention statistics of ``layers`` (default: ``config.layers``) for a padded batch.
 
     input_ids, attention_mask: [B, N] (left or right padding; 1 = real token).  Positions are
     each sequence's own (``position_ids_from_mask``), so padding never changes the result.
-    Returns statistics for every position; metrics pick the response rows.
+    Returns statistics for every position; metrics pick the response rows.  ``block_bytes``
+    bounds the streaming backend's working set per block of rows (default 256 MiB on CPU,
+    2 GiB on a GPU).
     """
     config = config or RhythmConfig()
     if backend not in BACKENDS:
@@ -132,6 +134,8 @@ def capture_statistics(model, input_ids: Tensor, attention_mask: Tensor | None =
                   position_ids=position_ids_from_mask(attention_mask), use_cache=False)
 
     if backend == "streaming":
+        if block_bytes is None:
+            block_bytes = 8 * streaming.DEFAULT_BLOCK_BYTES if input_ids.device.type == "cuda" else streaming.DEFAULT_BLOCK_BYTES
         streaming.register()
         with _capture_mode(model, streaming.IMPLEMENTATION_NAME), \
                 streaming.streaming_capture(chosen, config.band_width, valid, block_bytes) as cap:

@@ -1,0 +1,113 @@
+"""Tasks for the RL experiments: prompts, data rows and verifiers (METHOD.md section 7).
+
+``get_task(name)`` returns a :class:`Task` whose ``load(split, n, seed)`` gives rows (dicts with at
+least ``prompt``, a string or chat messages, plus the fields its scorer needs) and whose
+``score(completion, row)`` gives the reward of one completion.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+from attnrhythm.tasks.choice import choice_prompt, load_choice_jsonl, score_choice
+from attnrhythm.tasks.countdown import (
+    EASY,
+    CountdownInstance,
+    countdown_prompt,
+    generate_countdown,
+    score_countdown,
+    solve_countdown,
+)
+from attnrhythm.tasks.math import extract_boxed, gsm8k_gold, score_math
+
+__all__ = [
+    "CountdownInstance", "Task", "KNOWN_TASKS", "countdown_prompt", "extract_boxed",
+    "generate_countdown", "get_task", "gsm8k_gold", "score_choice", "score_countdown",
+    "score_math", "solve_countdown",
+]
+
+KNOWN_TASKS = ("countdown", "countdown-easy", "gsm8k", "math-jsonl:PATH", "choice-jsonl:PATH")
+
+
+@dataclass(frozen=True)
+class Task:
+    """A named task: ``load(split, n, seed) -> rows`` and ``score(completion, row) -> reward``."""
+
+    name: str
+    load: Callable[[str, int | None, int], list[dict]]
+    score: Callable[[str, dict], float]
+
+
+def _sample(rows: list, n: int | None, seed: int) -> list:
+    """A seeded sample of ``n`` rows (all rows, shuffled, when ``n`` is None)."""
+    n = len(rows) if n is None else n
+    if n > len(rows):
+        raise ValueError(f"asked for {n} rows but only {len(rows)} are available")
+    return random.Random(seed).sample(rows, n)
+
+
+def _countdown_task(name: str, template: str, settings: dict) -> Task:
+    def load(split: str, n: int | None, seed: int) -> list[dict]:
+        if n is None:
+            raise ValueError("countdown is generated: give the number of instances n")
+        instances = generate_countdown(n, seed, split=split, **settings)
+        return [{"prompt": countdown_prompt(inst, template), "numbers": list(inst.numbers),
+                 "target": inst.target} for inst in instances]
+
+    def score(completion: str, row: dict) -> float:
+        return score_countdown(completion, row["numbers"], row["target"])
+
+    return Task(name, load, score)
+
+
+def _problem_task(name: str, template: str, source: str | None) -> Task:
+    """GSM8K (packaged test problems) or a math JSONL file, with the paper's prompt."""
+    from attnrhythm import data  # data imports this package: import lazily to avoid a cycle
+
+    def load(split: str, n: int | None, seed: int) -> list[dict]:
+        if source is None:  # packaged GSM8K: only its 100 test problems exist offline
+            if split != "test":
+                raise ValueError("the packaged gsm8k has only a 'test' split; use "
+                                 "math-jsonl:PATH or a Hugging Face id through attnrhythm.data")
+            problems = data.load_gsm8k()
+        else:  # a JSONL file is one split: `split` is not used
+            problems = data.load_jsonl_problems(source)
+        make = data.chat_messages if template == "chat" else data.paper_prompt
+        return [{"prompt": make(p), "id": p.id, "question": p.question, "gold": p.gold}
+                for p in _sample(problems, n, seed)]
+
+    return Task(name, load, lambda completion, row: score_math(completion, row["gold"]))
+
+
+def _choice_task(name: str, template: str, source: str) -> Task:
+    def load(split: str, n: int | None, seed: int) -> list[dict]:
+        rows = []
+        for row in _sample(load_choice_jsonl(source), n, seed):
+            text = choice_prompt(row["question"], row["options"])
+            chat = [{"role": "user", "content": text}]
+            prompt = chat if template == "chat" else f"User: {text}\nAssistant:"
+            rows.append({**row, "prompt": prompt})
+        return rows
+
+    return Task(name, load, lambda completion, row: score_choice(completion, row["gold"]))
+
+
+def get_task(name: str, template: str = "base") -> Task:
+    """The task called ``name`` (one of KNOWN_TASKS); ``template`` is "base" or "chat".
+
+    "base" prompts are plain text for base models; "chat" prompts are message lists for an
+    instruct model's chat template.
+    """
+    if template not in ("base", "chat"):
+        raise ValueError(f"template must be 'base' or 'chat', not {template!r}")
+    if name == "countdown":
+        return _countdown_task(name, template, {})
+    if name == "countdown-easy":
+        return _countdown_task(name, template, EASY)
+    if name == "gsm8k":
+        return _problem_task(name, template, None)
+    for prefix, make in (("math-jsonl:", _problem_task), ("choice-jsonl:", _choice_task)):
+        if name.startswith(prefix) and len(name) > len(prefix):
+            return make(name, template, name[len(prefix):])
+    raise ValueError(f"unknown task {name!r}; known: {', '.join(KNOWN_TASKS)}")

@@ -1,0 +1,211 @@
+"""Countdown (TinyZero, Pan et al. 2025): instances, exact solver, prompts and reward.
+
+The model gets 3 or 4 integers and a target and must write an arithmetic expression that uses
+every given number exactly once with + - * / and parentheses (METHOD.md section 7).  The reward
+follows TinyZero's ``compute_score``: no ``<answer>`` block -> 0.0; an answer block whose numbers
+are not exactly the given multiset, or whose expression is invalid or misses the target -> 0.1
+(format credit); the expression equals the target within 1e-5 -> 1.0.  Unlike the reference the
+expression is never ``eval``-ed: :mod:`attnrhythm.tasks.safe_eval` evaluates it.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Sequence
+
+from attnrhythm.tasks.safe_eval import InvalidExpression, evaluate, numbers_in
+
+FORMAT_SCORE = 0.1
+"""TinyZero's credit for a well-formed answer block that is wrong."""
+TEST_FRACTION = 0.1
+"""**Decision**: share of the instance space (by hash) that belongs to the test split."""
+DEFAULT_TARGET_RANGE = (10, 100)
+"""**Decision**: targets 10..100 inclusive, the range of the TinyZero Countdown-Tasks-3to4 data
+(drawn from Stream-of-Search); configurable."""
+EASY = {"n_numbers": 3, "max_number": 20, "target_range": (1, 100)}
+"""Settings small enough for a ~135M model to learn (the "countdown-easy" task)."""
+MAX_SOLVER_NUMBERS = 6
+
+_ANSWER_OPEN, _ANSWER_CLOSE = "<answer>", "</answer>"
+_BASE_PREFIX = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant "
+    "solves it. The assistant first thinks about the reasoning process in the mind and then "
+    "provides the user with the answer.\nUser: "
+)
+_BASE_SUFFIX = "\nAssistant: Let me solve this step by step.\n<think>"
+
+
+@dataclass(frozen=True)
+class CountdownInstance:
+    """One puzzle: reach ``target`` using each of ``numbers`` exactly once."""
+
+    numbers: tuple[int, ...]
+    target: int
+
+
+def _split_of(numbers: Sequence[int], target: int) -> str:
+    """'test' or 'train', a pure function of the instance (order of numbers ignored).
+
+    Hashing the canonical instance keeps the splits disjoint whatever seeds or sizes are used.
+    """
+    key = f"{sorted(numbers)}->{target}".encode()
+    bucket = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2.0**64
+    return "test" if bucket < TEST_FRACTION else "train"
+
+
+def _random_target(numbers: list[int], rng: random.Random) -> int | None:
+    """Combine ``numbers`` in a random order with random operations.
+
+    Every intermediate result is a positive integer (subtraction only when positive, division
+    only when exact), like the hand-played game; returns the final value, or None when no
+    operation keeps a pair positive and integral.
+    """
+    pool = list(numbers)
+    while len(pool) > 1:
+        a, b = (pool.pop(rng.randrange(len(pool))) for _ in range(2))
+        options = [a + b, a * b]
+        if a != b:
+            options.append(abs(a - b))
+        big, small = max(a, b), min(a, b)
+        if big % small == 0:
+            options.append(big // small)
+        pool.append(rng.choice(options))
+    return pool[0] if pool[0] > 0 else None
+
+
+def generate_countdown(
+    n: int,
+    seed: int,
+    n_numbers: int | tuple[int, ...] = (3, 4),
+    max_number: int = 99,
+    target_range: tuple[int, int] = DEFAULT_TARGET_RANGE,
+    split: str = "train",
+    min_number: int = 1,
+) -> list[CountdownInstance]:
+    """``n`` distinct, solvable instances of ``split``, deterministic in ``seed``.
+
+    Numbers are drawn uniformly from ``min_number..max_number`` (TinyZero: 1..99); the count is
+    drawn from ``n_numbers`` when it is a tuple.  The target is the result of a random
+    combination (:func:`_random_target`), kept when it lies in ``target_range`` (inclusive).
+    An instance belongs to the split its hash decides (:func:`_split_of`), so train and test
+    never share an instance.  Raises ValueError when the space is too small to give ``n``.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    counts = (n_numbers,) if isinstance(n_numbers, int) else tuple(n_numbers)
+    lo, hi = target_range
+    rng = random.Random(f"countdown:{seed}:{split}")
+    seen: set[tuple[tuple[int, ...], int]] = set()
+    out: list[CountdownInstance] = []
+    for _ in range(200 * n + 10_000):  # bounded: small spaces fail loudly instead of looping
+        if len(out) == n:
+            break
+        numbers = [rng.randint(min_number, max_number) for _ in range(rng.choice(counts))]
+        target = _random_target(numbers, rng)
+        if target is None or not lo <= target <= hi:
+            continue
+        key = (tuple(sorted(numbers)), target)
+        if key in seen or _split_of(numbers, target) != split:
+            continue
+        seen.add(key)
+        out.append(CountdownInstance(tuple(numbers), target))
+    if len(out) < n:
+        raise ValueError(f"could only generate {len(out)} of {n} distinct {split} instances")
+    return out
+
+
+def solve_countdown(numbers: Sequence[int], target: int) -> str | None:
+    """An expression using every number exactly once that equals ``target``, or None.
+
+    Exhaustive search over all pairings, orders, operations and hence parenthesisations, in exact
+    Fraction arithmetic (intermediates may be negative or fractional).  Failed multisets are
+    memoised.  At most MAX_SOLVER_NUMBERS numbers (the search is exponential).
+    """
+    if not 1 <= len(numbers) <= MAX_SOLVER_NUMBERS:
+        raise ValueError(f"solve_countdown takes 1..{MAX_SOLVER_NUMBERS} numbers")
+    goal = Fraction(target)
+    failed: set[tuple[Fraction, ...]] = set()
+
+    def search(pool: list[tuple[Fraction, str]]) -> str | None:
+        if len(pool) == 1:
+            return pool[0][1] if pool[0][0] == goal else None
+        key = tuple(sorted(v for v, _ in pool))
+        if key in failed:
+            return None
+        for i in range(len(pool)):
+            for j in range(len(pool)):
+                if i == j:
+                    continue
+                (a, ea), (b, eb) = pool[i], pool[j]
+                rest = [pool[k] for k in range(len(pool)) if k not in (i, j)]
+                candidates = [(a - b, f"{ea} - ({eb})" if " " in eb else f"{ea} - {eb}")]
+                if b != 0:
+                    candidates.append((a / b, f"{_wrap(ea)} / {_wrap(eb)}"))
+                if i < j:  # + and * commute: one order is enough
+                    candidates += [(a + b, f"{ea} + {eb}"), (a * b, f"{_wrap(ea)} * {_wrap(eb)}")]
+                for value, expr in candidates:
+                    found = search(rest + [(value, expr)])
+                    if found is not None:
+                        return found
+        failed.add(key)
+        return None
+
+    return search([(Fraction(x), str(x)) for x in numbers])
+
+
+def _wrap(expr: str) -> str:
+    """Parenthesise a compound sub-expression (one that contains a space)."""
+    return f"({expr})" if " " in expr else expr
+
+
+def countdown_prompt(inst: CountdownInstance, template: str = "base") -> str | list[dict]:
+    """TinyZero's prompt for ``inst``.
+
+    "base": the plain User/Assistant conversation with the assistant turn pre-filled up to an
+    opening ``<think>``.  "chat": ``[{"role": "user", "content": ...}]`` holding the same request,
+    for an instruct model's chat template (no pre-filled assistant part).
+    """
+    request = (
+        f"Using the numbers {list(inst.numbers)}, create an equation that equals {inst.target}. "
+        "You can use basic arithmetic operations (+, -, *, /) and each number can only be used "
+        "once. Show your work in <think> </think> tags. And return the final answer in "
+        "<answer> </answer> tags, for example <answer> (1 + 2) / 3 </answer>."
+    )
+    if template == "base":
+        return _BASE_PREFIX + request + _BASE_SUFFIX
+    if template == "chat":
+        return [{"role": "user", "content": request}]
+    raise ValueError(f"template must be 'base' or 'chat', not {template!r}")
+
+
+def last_answer(completion: str) -> str | None:
+    """Content of the last complete ``<answer>...</answer>`` block, or None.
+
+    Two ``rfind`` calls: linear time on any input, no regex backtracking.
+    """
+    end = completion.rfind(_ANSWER_CLOSE)
+    if end < 0:
+        return None
+    start = completion.rfind(_ANSWER_OPEN, 0, end)
+    if start < 0:
+        return None
+    return completion[start + len(_ANSWER_OPEN) : end]
+
+
+def score_countdown(completion: str, numbers: Sequence[int], target: int) -> float:
+    """TinyZero's Countdown reward (0.0, 0.1 or 1.0) for ``completion``; never raises."""
+    try:
+        answer = last_answer(completion) if isinstance(completion, str) else None
+        if answer is None:
+            return 0.0
+        try:
+            if sorted(numbers_in(answer)) != sorted(int(x) for x in numbers):
+                return FORMAT_SCORE
+            value = evaluate(answer)
+        except InvalidExpression:
+            return FORMAT_SCORE
+        return 1.0 if abs(float(value - Fraction(target))) < 1e-5 else FORMAT_SCORE
+    except Exception:  # a reward must never crash training: malformed inputs score as format only
+        return FORMAT_SCORE if isinstance(completion, str) and _ANSWER_CLOSE in completion else 0.0

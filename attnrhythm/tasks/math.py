@@ -1,0 +1,150 @@
+"""Math answers: ``\\boxed{}`` extraction and math-verify scoring (METHOD.md section 7).
+
+Reference scoring: keep the text after the last ``</think>``, take the last brace-balanced
+``\\boxed{...}``, and compare it with the gold answer by ``math_verify.verify(gold, pred)`` (gold
+first: verify is not symmetric) under a time limit.  Reward 1.0 when equivalent, else 0.0.
+
+Time limits: math-verify's own timeouts use ``signal.alarm``, which only works in the main
+thread.  There we pass ``timeout_s``; elsewhere (reward workers in threads) we pass ``None`` and
+rely on bounded inputs instead: only the last MAX_TAIL characters are scanned, boxed answers
+longer than MAX_ANSWER_CHARS score 0, and predictions that look explosive for sympy (towers of
+powers, huge exponents or factorials, see :func:`_explosive`) score 0 unless they equal the gold
+text verbatim.  The guard applies in every thread so scores do not depend on the caller.
+"""
+from __future__ import annotations
+
+import re
+import threading
+
+MAX_TAIL = 20_000
+"""Only the last MAX_TAIL characters of a completion are scanned (bounds time on huge inputs)."""
+MAX_ANSWER_CHARS = 300
+"""A boxed answer longer than this is not a final answer; it scores 0."""
+DEFAULT_TIMEOUT_S = 5
+"""Seconds per math-verify parse / comparison in the main thread (math-verify's default)."""
+
+_BOXED = "\\boxed"
+_THINK_CLOSE = "</think>"
+# Patterns only ever run on <= MAX_ANSWER_CHARS characters, so their cost is bounded.
+_EXPONENT = re.compile(r"(?:\^|\*\*)\s*(\{[^{}]*\}?|\([^()]*\)?|[\w.]+)")
+_RISKY_IN_EXPONENT = re.compile(r"\^|\*|!|\\cdot|\\times|\d{6,}")
+_COMBINATORIAL = re.compile(r"!|binom|choose")
+_RISKY_WITH_COMBINATORIAL = re.compile(r"\d{3,}|\^|\*|\\cdot|\\times")
+
+
+def _after_think(text: str) -> str:
+    """Text after the last ``</think>`` (the whole text when there is none), last MAX_TAIL chars."""
+    cut = text.rfind(_THINK_CLOSE)
+    if cut >= 0:
+        text = text[cut + len(_THINK_CLOSE) :]
+    return text[-MAX_TAIL:]
+
+
+def _matching_braces(text: str) -> dict[int, int]:
+    """Map each ``{`` position to its matching ``}`` in one left-to-right pass (stack).
+
+    Unmatched ``}`` are ignored and unmatched ``{`` are absent from the map.
+    """
+    match: dict[int, int] = {}
+    stack: list[int] = []
+    for i, c in enumerate(text):
+        if c == "{":
+            stack.append(i)
+        elif c == "}" and stack:
+            match[stack.pop()] = i
+    return match
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last brace-balanced ``\\boxed{...}`` after the last ``</think>``, or None.
+
+    ``\\boxed 5`` (a space, no braces) is also accepted: the content runs to the next whitespace
+    or ``$``.  An unclosed ``\\boxed{`` is skipped in favour of an earlier, complete one.  Linear
+    time: one pass matches all braces, one pass lists the ``\\boxed`` occurrences.
+    """
+    if not isinstance(text, str):
+        return None
+    text = _after_think(text)
+    if _BOXED not in text:
+        return None
+    match = _matching_braces(text)
+    found: str | None = None
+    start = text.find(_BOXED)
+    while start >= 0:
+        i = start + len(_BOXED)
+        while i < len(text) and text[i] == " ":
+            i += 1
+        if i < len(text) and text[i] == "{" and i in match:
+            found = text[i + 1 : match[i]]
+        elif i > start + len(_BOXED) and i < len(text) and text[i] != "{":  # "\boxed 5"
+            j = i
+            while j < len(text) and not text[j].isspace() and text[j] != "$":
+                j += 1
+            found = text[i:j] or found
+        start = text.find(_BOXED, start + 1)
+    return found.strip() if found is not None else None
+
+
+def _explosive(answer: str) -> bool:
+    """True when sympy could spend unbounded time on ``answer``; such predictions are not sent
+    to math-verify.
+
+    Flags an exponent that holds another power, a product, a factorial or a 6+ digit number
+    (``2^{10^{10}}``, ``9^9^9``, ``10^{999*9999}``), and a factorial or binomial next to a 3+
+    digit number or an operator that can make its argument huge (``(10^6)!``).
+    """
+    for exponent in _EXPONENT.finditer(answer):
+        if _RISKY_IN_EXPONENT.search(exponent.group(1)):
+            return True
+        # "9^9^9": the exponent token is itself followed by another power
+        if answer[exponent.end() :].lstrip().startswith(("^", "**")):
+            return True
+    return bool(_COMBINATORIAL.search(answer) and _RISKY_WITH_COMBINATORIAL.search(answer))
+
+
+def _normalize(answer: str) -> str:
+    return "".join(answer.split())
+
+
+def score_math(completion: str, gold: str, timeout_s: int | None = DEFAULT_TIMEOUT_S) -> float:
+    """1.0 when the last boxed answer of ``completion`` is equivalent to ``gold``, else 0.0.
+
+    ``gold`` is a short LaTeX or plain answer (``"0.5"``, ``"\\frac{1}{2}"``, ``"18"``); both
+    sides are parsed as ``\\boxed{...}`` by math-verify.  ``timeout_s`` applies per parse and per
+    comparison in the main thread only (see the module docstring).  Never raises.
+    """
+    try:
+        pred = extract_boxed(completion)
+        if pred is None or not pred or len(pred) > MAX_ANSWER_CHARS:
+            return 0.0
+        gold = str(gold).strip()
+        if _normalize(pred) == _normalize(gold):
+            return 1.0  # identical text needs no sympy (and survives the explosive guard)
+        if _explosive(pred):
+            return 0.0
+        from math_verify import parse, verify  # heavy import (sympy): only when scoring
+
+        in_main = threading.current_thread() is threading.main_thread()
+        limit = timeout_s if in_main else None
+        gold_parsed = parse("\\boxed{" + gold + "}", parsing_timeout=limit)
+        pred_parsed = parse("\\boxed{" + pred + "}", parsing_timeout=limit)
+        if not gold_parsed or not pred_parsed:
+            return 0.0
+        return 1.0 if verify(gold_parsed, pred_parsed, timeout_seconds=limit) else 0.0
+    except BaseException as exc:  # math-verify's TimeoutException derives from BaseException
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        return 0.0
+
+
+def gsm8k_gold(answer_text: str) -> str:
+    """The GSM8K gold answer: the text after the last ``####`` with commas and spaces removed.
+
+    Without ``####`` the stripped text is returned unchanged (a bare answer, e.g. from a JSONL
+    file), so LaTeX answers such as ``(1,2)`` keep their commas.
+    """
+    text = str(answer_text)
+    cut = text.rfind("####")
+    if cut < 0:
+        return text.strip()
+    return "".join(text[cut + 4 :].replace(",", "").split())
