@@ -151,7 +151,9 @@ def capture_statistics(model, input_ids: Tensor, attention_mask: Tensor | None =
 
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     batch, length = input_ids.shape
-    heads = text_config.num_attention_heads
+    heads = getattr(text_config, "num_attention_heads", None)
+    if heads is None:
+        raise ValueError(f"{type(model).__name__} has no attention heads (no num_attention_heads); it cannot be captured")
     element = torch.finfo(next(model.parameters()).dtype).bits // 8
     need = model_layer_count(model) * batch * heads * length * length * element
     have = _available_bytes(input_ids.device)

@@ -1,0 +1,221 @@
+"""capture_statistics (streaming and eager backends) against Hugging Face eager maps
+(``output_attentions=True``) reduced by the float64 loop reference, on tiny random Llama, GQA
+Llama and Qwen3 (q/k norm) models, padded batches of different lengths, a sliding-window
+model, and the error paths."""
+import math
+
+import pytest
+import torch
+
+from attnrhythm import capture
+from attnrhythm.capture import capture_statistics
+from attnrhythm.config import ANALYSIS_HORIZON, RhythmConfig
+from attnrhythm.couplings import find_peaks
+from attnrhythm.metrics import receiver_kurtosis, rhythm_from_stats
+
+from conftest import TINY_MODELS, tiny_qwen3, tiny_qwen3_sliding
+
+CONFIG = RhythmConfig(layers="all", fai_horizon=(10, 100))  # band width 101 covers both horizons
+HORIZONS = [(10, 100), ANALYSIS_HORIZON]
+# (sequence length, prompt length): several lengths, different prompts in one batch
+SEQUENCES = [(31, 6), (9, 4), (23, 11)]
+_REFERENCE_CACHE = {}
+
+
+def sequences(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(3, 259, (n,), generator=g), p) for n, p in SEQUENCES]
+
+
+def padded_batch(seqs, left):
+    width = max(len(ids) for ids, _ in seqs)
+    input_ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    response = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for b, (ids, p) in enumerate(seqs):
+        o = width - len(ids) if left else 0
+        input_ids[b, o:o + len(ids)] = ids
+        attention_mask[b, o:o + len(ids)] = 1
+        response[b, o + p:o + len(ids)] = True
+    return input_ids, attention_mask, response
+
+
+def hf_eager(model, ids):
+    """Maps [L, H, N, N] (float64) and logits [N, V] of one unpadded sequence, straight from
+    transformers' eager attention with output_attentions=True."""
+    original = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids[None], output_attentions=True, use_cache=False)
+    finally:
+        model.set_attn_implementation(original)
+    return torch.stack([a[0] for a in out.attentions]).double(), out.logits[0].double()
+
+
+def reference(ref, name, model, ids, prompt):
+    """Loop-reference metrics of one sequence (cached per model and sequence)."""
+    key = (name, tuple(ids.tolist()), prompt)
+    if key not in _REFERENCE_CACHE:
+        maps, logits = hf_eager(model, ids)
+        A = maps.numpy()
+        out = {h: ref.rhythm(A, prompt, 10, h) for h in HORIZONS}
+        out["kurtosis"] = ref.receiver_kurtosis(A, prompt, 4)
+        out["entropy"] = [ref.entropy(logits[t - 1].tolist()) for t in range(prompt, len(ids))]
+        out["maps"] = maps
+        _REFERENCE_CACHE[key] = out
+    return _REFERENCE_CACHE[key]
+
+
+def normwise(actual, expected):
+    """max |a - e| / max |e| over the defined entries; NaN positions must agree."""
+    actual, expected = torch.as_tensor(actual, dtype=torch.float64), torch.as_tensor(expected, dtype=torch.float64)
+    assert torch.equal(torch.isnan(actual), torch.isnan(expected))
+    ok = ~torch.isnan(expected)
+    if not ok.any():
+        return 0.0
+    return float((actual[ok] - expected[ok]).abs().max() / expected[ok].abs().max().clamp(min=1e-30))
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right_pad", "left_pad"])
+@pytest.mark.parametrize("backend", ["streaming", "eager"])
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_capture_matches_hf_eager_loop_reference(ref, tiny_models, name, backend, left):
+    model = tiny_models[name]
+    seqs = sequences()
+    input_ids, attention_mask, response = padded_batch(seqs, left)
+    # block_bytes=1: the streaming backend works in blocks of 16 rows, so 31 tokens span 2 blocks
+    stats = capture_statistics(model, input_ids, attention_mask, config=CONFIG, backend=backend, block_bytes=1)
+    kurt = receiver_kurtosis(stats, response, 4)
+    for horizon in HORIZONS:
+        result = rhythm_from_stats(stats, response, CONFIG.replace(fai_horizon=horizon))
+        for b, (ids, p) in enumerate(seqs):
+            exp, one = reference(ref, name, model, ids, p), result[b]
+            want = exp[horizon]
+            assert normwise(one.head_distance, want["head_distance"]) < 1e-5
+            assert sorted(map(tuple, one.local_heads)) == want["local"]
+            assert sorted(map(tuple, one.global_heads)) == want["global_"]
+            assert normwise(one.waad, want["waad"]) < 1e-5
+            assert normwise(one.fai, want["fai"]) < 1e-5
+            assert normwise(one.entropy, exp["entropy"]) < 1e-5
+            assert normwise(kurt[b], exp["kurtosis"]) < 1e-4  # a fourth moment of float32 scores
+
+
+def test_raw_statistics_match_loop_over_maps(tiny_models):
+    """row_distance, band and col_sum of every real position, straight from the maps (of the
+    unpadded sequence: float32 rounding of the padded batch differs in the 6th digit)."""
+    model = tiny_models["llama_gqa"]
+    seqs = sequences(seed=1)
+    input_ids, attention_mask, _ = padded_batch(seqs, left=True)
+    stats = capture_statistics(model, input_ids, attention_mask, config=CONFIG, backend="streaming")
+    width = input_ids.shape[1]
+    for b, (ids, _) in enumerate(seqs):
+        maps = hf_eager(model, ids)[0]
+        n, o = len(ids), width - len(ids)
+        for l in (0, 3):
+            for h in (0, 5):
+                A = maps[l, h]
+                for t in range(n):
+                    dist = sum(float(A[t, s]) * (t - s) for s in range(t + 1))
+                    assert stats.row_distance[b, l, h, o + t].item() == pytest.approx(dist, rel=1e-4, abs=1e-5)
+                    for off in range(min(t + 1, 12)):
+                        want = float(A[t, t - off])
+                        assert stats.band[b, l, h, o + t, off].item() == pytest.approx(want, rel=1e-4, abs=1e-5)
+                    col = sum(float(A[u, t]) for u in range(t, n))
+                    assert stats.col_sum[b, l, h, o + t].item() == pytest.approx(col, rel=1e-4, abs=1e-5)
+        assert (stats.row_distance[b, :, :, :o] == 0).all() and (stats.col_sum[b, :, :, :o] == 0).all()
+
+
+def compare_backends(model, seqs, left=True):
+    input_ids, attention_mask, response = padded_batch(seqs, left)
+    stats = {bk: capture_statistics(model, input_ids, attention_mask, config=CONFIG, backend=bk, block_bytes=1)
+             for bk in ("streaming", "eager")}
+    kurt = {bk: receiver_kurtosis(s, response, 4) for bk, s in stats.items()}
+    for b in range(len(seqs)):
+        assert normwise(kurt["streaming"][b], kurt["eager"][b]) < 1e-5
+    for horizon in HORIZONS:
+        results = {bk: rhythm_from_stats(s, response, CONFIG.replace(fai_horizon=horizon)) for bk, s in stats.items()}
+        for b in range(len(seqs)):
+            s, e = results["streaming"][b], results["eager"][b]
+            for key in ("head_distance", "waad", "fai", "entropy"):
+                assert normwise(getattr(s, key), getattr(e, key)) < 1e-5, key
+            assert s.local_heads == e.local_heads and s.global_heads == e.global_heads
+            for key in ("waad", "fai"):
+                assert torch.equal(find_peaks(getattr(s, key)), find_peaks(getattr(e, key))), key
+
+
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_streaming_equals_eager(tiny_models, name):
+    compare_backends(tiny_models[name], sequences(seed=2) + [(torch.randint(3, 259, (57,)), 20)])
+
+
+def test_sliding_window_model(ref):
+    model = tiny_qwen3_sliding(window=6)
+    seqs = sequences(seed=3)
+    ids, p = seqs[0]
+    maps = reference(ref, "qwen3_sliding", model, ids, p)["maps"]
+    rows, cols = torch.meshgrid(torch.arange(len(ids)), torch.arange(len(ids)), indexing="ij")
+    assert (maps[..., rows - cols >= 6] == 0).all(), "the sliding window is not active"
+    assert (maps[..., (rows - cols < 6) & (rows >= cols)] > 0).all()
+    compare_backends(model, seqs, left=False)
+    input_ids, attention_mask, response = padded_batch(seqs, left=True)
+    stats = capture_statistics(model, input_ids, attention_mask, config=CONFIG, block_bytes=1)
+    result = rhythm_from_stats(stats, response, CONFIG)
+    for b, (ids, p) in enumerate(seqs):
+        want = reference(ref, "qwen3_sliding", model, ids, p)[(10, 100)]
+        assert normwise(result[b].waad, want["waad"]) < 1e-5
+        assert normwise(result[b].fai, want["fai"]) < 1e-5
+
+
+def test_entropy_temperature(tiny_models, ref):
+    model = tiny_models["qwen3"]
+    ids = torch.randint(3, 259, (1, 12))
+    stats = capture_statistics(model, ids, config=CONFIG.replace(entropy_temperature=0.7))
+    logits = model(input_ids=ids).logits[0].double().detach()
+    assert math.isnan(stats.entropy[0, 0].item())
+    want = [ref.entropy(logits[t - 1].tolist(), 0.7) for t in range(1, 12)]
+    assert normwise(stats.entropy[0, 1:], want) < 1e-5
+
+
+# ---------------------------------------------------------------- errors are clear, never deep in torch
+def test_prompt_longer_than_context(tiny_models):
+    model = tiny_models["llama"]
+    ids = torch.randint(3, 259, (1, 300))  # the tiny models have a context of 256
+    for backend in ("streaming", "eager"):
+        with pytest.raises(ValueError, match="context"):
+            capture_statistics(model, ids, backend=backend)
+
+
+def test_bad_layers_and_backend(tiny_models):
+    model = tiny_models["llama"]
+    ids = torch.randint(3, 259, (1, 8))
+    with pytest.raises(ValueError, match="out of range"):
+        capture_statistics(model, ids, layers=[7])
+    with pytest.raises(ValueError, match="backend"):
+        capture_statistics(model, ids, backend="flash")
+
+
+def test_model_without_attention_cannot_be_captured():
+    from transformers import MambaConfig, MambaForCausalLM
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, state_size=4)).eval()
+    ids = torch.randint(0, 50, (1, 10))
+    for backend in ("streaming", "eager"):
+        with pytest.raises(ValueError, match="cannot be captured"):
+            capture_statistics(model, ids, config=RhythmConfig(layers="all"), backend=backend)
+
+
+def test_eager_refuses_maps_that_do_not_fit(tiny_models, monkeypatch):
+    model = tiny_models["llama"]
+    monkeypatch.setattr(capture, "_available_bytes", lambda device: 1000)
+    with pytest.raises(MemoryError, match="streaming"):
+        capture_statistics(model, torch.randint(3, 259, (1, 40)), backend="eager")
+
+
+def test_model_state_restored_after_capture_and_error():
+    model = tiny_qwen3()
+    model.train()
+    capture_statistics(model, torch.randint(3, 259, (1, 8)))
+    with pytest.raises(ValueError):
+        capture_statistics(model, torch.randint(3, 259, (1, 300)))
+    assert model.training and model.config._attn_implementation == "sdpa"
