@@ -1,0 +1,26 @@
+"""GRPO with rhythm credit on TRL (METHOD.md sections 4 and 6).
+
+``trainer`` holds the GRPOTrainer subclass, ``config`` the run config, ``run`` the `train`
+command; ``sft`` (warm start) and ``evaluate`` (the `eval` command) sit beside them.  Imports are
+lazy so that ``attnrhythm.train.sft`` does not pull in TRL.
+"""
+from __future__ import annotations
+
+_EXPORTS = {
+    "RhythmGRPOTrainer": "attnrhythm.train.trainer",
+    "CreditConfig": "attnrhythm.train.trainer",
+    "MetricsJsonl": "attnrhythm.train.trainer",
+    "TrainConfig": "attnrhythm.train.config",
+    "to_grpo_config": "attnrhythm.train.config",
+    "build_trainer": "attnrhythm.train.run",
+    "train": "attnrhythm.train.run",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'attnrhythm.train' has no attribute {name!r}")

@@ -1,0 +1,222 @@
+"""Everything a `train` run needs, as one dataclass that round-trips through YAML.
+
+Resolution order (later wins): dataclass defaults < ``DIR/config.yaml`` of a resumed run <
+``--config run.yaml`` < command-line flags.  The resolved config is written to
+``DIR/config.yaml`` and can be passed back with ``--config``.
+
+Defaults follow the paper (METHOD.md sections 4 and 6) and are set explicitly even where they
+equal TRL 1.16's own, so that a TRL upgrade that moves a default does not move our runs.  Where
+TRL's default differs, ``to_grpo_config`` says so next to the value (see docs/training.md).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+
+import yaml
+
+from attnrhythm.config import RhythmConfig
+
+CREDITS = ("none", "random", "entropy", "local", "global", "coupled", "high-entropy-selection")
+_RHYTHM_FIELDS = {f.name for f in fields(RhythmConfig)}
+
+
+@dataclass
+class TrainConfig:
+    # what to train on
+    model: str = "smollm2-135m"
+    """Embedded name, local Hugging Face folder or hub id."""
+    task: str = "countdown"
+    """A task name of attnrhythm.tasks (countdown, countdown-easy, gsm8k, math-jsonl:PATH, choice-jsonl:PATH)."""
+    template: str = "base"
+    """Prompt template of the task: 'base' (plain text) or 'chat' (messages for an instruct model)."""
+    train_size: int | None = None
+    """Training rows; None = as many prompts as max_steps consumes, at most 20,000 (the paper's Countdown set)."""
+    out: str = "runs/train"
+    reward_function: str | None = None
+    """'module:function', a TRL reward function used instead of the task's scorer (shaping experiments, tests)."""
+
+    # credit (METHOD.md section 4)
+    credit: str = "coupled"
+    rhythm: RhythmConfig = field(default_factory=RhythmConfig)
+    """q, amp, k, alpha, sign, selection, head_mode, layers, window, fai_horizon, ..."""
+    head_refresh_steps: int = 50
+    """head_mode='fixed': re-classify the heads on the current rollout batch every K optimizer steps."""
+    capture_batch_size: int | None = None
+    """Sequences per attention pass chunk; None = per_device_batch (as TRL's own log-prob pass)."""
+    capture_with_none: bool = False
+    """Run the attention pass also for credit='none' (to log head groups and its cost; gamma stays 1)."""
+
+    # GRPO and optimisation: the paper's settings (METHOD.md section 6)
+    num_generations: int = 8
+    per_device_batch: int = 8
+    steps_per_generation: int = 16
+    """Optimizer steps per rollout batch (paper: 512 responses / micro-batch 32 = 16)."""
+    num_iterations: int = 1
+    max_completion_length: int = 1024
+    learning_rate: float = 1e-6
+    lr_scheduler_type: str = "constant"
+    warmup_steps: int = 0
+    loss_type: str = "grpo"
+    beta: float = 0.0
+    epsilon: float = 0.2
+    temperature: float = 1.0
+    scale_rewards: str = "group"
+    max_grad_norm: float = 1.0
+    max_steps: int = 8000
+    """Optimizer steps (TRL's unit): 500 rollout batches x 16, the paper's 4B run."""
+    seed: int = 0
+
+    # machine
+    device: str = "auto"
+    """'auto' (cuda when available), 'cpu' or 'cuda'."""
+    model_dtype: str = "float32"
+    """Dtype of the trained weights; mixed precision is `bf16`."""
+    bf16: bool | None = None
+    """bf16 autocast; None = on when the device is a CUDA GPU with bf16 support."""
+    gradient_checkpointing: bool = True
+    use_vllm: bool = False
+
+    # warm start, logging, checkpoints
+    sft_warmup_steps: int = 0
+    sft_learning_rate: float = 5e-5
+    logging_steps: int = 1
+    save_steps: int = 100
+    """Optimizer steps between checkpoints (transformers also saves at max_steps); 0 = no checkpoints."""
+    save_total_limit: int | None = 2
+    trl: dict = field(default_factory=dict)
+    """Any other GRPOConfig field, passed through verbatim (e.g. vllm_mode, epsilon_high, report_to)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rhythm, dict):
+            self.rhythm = RhythmConfig.from_dict(self.rhythm)
+        if self.credit not in CREDITS:
+            raise ValueError(f"credit must be one of {', '.join(CREDITS)}; got {self.credit!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.head_refresh_steps < 1:
+            raise ValueError(f"head_refresh_steps must be >= 1, got {self.head_refresh_steps}")
+        clash = set(self.trl) & ({f.name for f in fields(self)} | set(_MANAGED))
+        if clash:
+            raise ValueError(f"trl: {sorted(clash)} are set by TrainConfig fields; set them there instead")
+
+    # ------------------------------------------------------------------ dict / YAML
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["rhythm"] = self.rhythm.to_dict()
+        d["trl"] = dict(self.trl)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return cls().update(d)
+
+    def update(self, changes: dict) -> "TrainConfig":
+        """A new config with ``changes``; RhythmConfig fields may be given at the top level
+        (``q: 0.2``) or under ``rhythm:``.  Unknown names are an error (typos must not be ignored)."""
+        mine = {f.name for f in fields(self)}
+        unknown = set(changes) - mine - _RHYTHM_FIELDS
+        if unknown:
+            raise ValueError(f"unknown config fields {sorted(unknown)}; known: {sorted(mine | _RHYTHM_FIELDS)}")
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        rhythm = self.rhythm.to_dict()
+        rhythm.update(changes.get("rhythm") or {})
+        rhythm.update({k: v for k, v in changes.items() if k in _RHYTHM_FIELDS})
+        d.update({k: v for k, v in changes.items() if k in mine and k != "rhythm"})
+        d["rhythm"] = RhythmConfig.from_dict(rhythm)
+        return TrainConfig(**d)
+
+
+def load_yaml(path: str) -> dict:
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of config fields, got {type(data).__name__}")
+    return data
+
+
+def save_yaml(config: TrainConfig, path: str) -> None:
+    """Write atomically: a killed run never leaves half a config behind."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write("# attnrhythm train: the full resolved config (pass back with --config)\n")
+        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+# GRPOConfig fields that TrainConfig sets itself (so `trl:` must not)
+_MANAGED = ("output_dir", "per_device_train_batch_size", "gradient_accumulation_steps", "use_cpu",
+            "top_entropy_quantile", "entropy_coef", "logging_strategy", "save_strategy")
+
+
+def resolve_device(device: str) -> str:
+    import torch
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def to_grpo_config(config: TrainConfig, **extra):
+    """The TRL GRPOConfig of a run.  Comments mark where TRL 1.16's default differs."""
+    from trl import GRPOConfig
+
+    config = resolved(config)
+    device = config.device
+    kwargs = dict(
+        output_dir=config.out,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.per_device_batch,
+        gradient_accumulation_steps=1,  # one micro-batch per optimizer step, as the paper
+        steps_per_generation=config.steps_per_generation,  # TRL: = gradient_accumulation_steps (1)
+        num_iterations=config.num_iterations,
+        num_generations=config.num_generations,
+        max_completion_length=config.max_completion_length,  # TRL: 512
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler_type,  # TRL/transformers: linear decay to 0
+        warmup_steps=config.warmup_steps,
+        loss_type=config.loss_type,  # TRL: "dapo" (token-level normalisation); paper: 1/|o| per response
+        beta=config.beta,
+        epsilon=config.epsilon,
+        temperature=config.temperature,
+        scale_rewards=config.scale_rewards,
+        max_grad_norm=config.max_grad_norm,
+        top_entropy_quantile=1.0,  # the Wang et al. baseline is our credit 'high-entropy-selection'
+        entropy_coef=0.0,  # no entropy term
+        seed=config.seed,
+        use_cpu=device == "cpu",
+        bf16=config.bf16,  # TRL: True whenever fp16 is off, also on CPU
+        gradient_checkpointing=config.gradient_checkpointing,
+        use_vllm=config.use_vllm,
+        logging_strategy="steps",
+        logging_steps=config.logging_steps,  # TRL: 10
+        save_strategy="steps" if config.save_steps > 0 else "no",
+        save_steps=max(1, config.save_steps),
+        save_total_limit=config.save_total_limit,
+        report_to="none",
+    )
+    kwargs.update(config.trl)
+    kwargs.update(extra)
+    return GRPOConfig(**kwargs)
+
+
+def resolved(config: TrainConfig, world_size: int = 1) -> TrainConfig:
+    """The config with every 'auto' made concrete (device, bf16, train_size), as written to
+    DIR/config.yaml: a resumed run, even with a larger --max-steps, sees the same data and precision."""
+    import torch
+
+    device = resolve_device(config.device)
+    bf16 = config.bf16
+    if bf16 is None:  # bf16 autocast on a GPU that has it; TRL's default (always True) is slow on CPU
+        bf16 = device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return config.update({"device": device, "bf16": bool(bf16), "train_size": train_size(config, world_size)})
+
+
+def train_size(config: TrainConfig, world_size: int = 1) -> int:
+    """Rows a run consumes: prompts per optimizer step x steps (at least 64, at most 20,000)."""
+    if config.train_size is not None:
+        return config.train_size
+    prompts = -(-config.per_device_batch * world_size * config.max_steps // config.num_generations)
+    return int(min(20_000, max(64, prompts)))
+
+
+__all__ = ["CREDITS", "TrainConfig", "load_yaml", "resolve_device", "resolved", "save_yaml", "to_grpo_config", "train_size"]

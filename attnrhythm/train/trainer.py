@@ -1,0 +1,317 @@
+"""GRPO with rhythm credit: TRL's GRPOTrainer plus one attention pass per rollout batch.
+
+TRL 1.16's ``_generate_and_score_completions`` generates, rewards and returns the rollout batch
+(``prompt_ids`` [B, P] left-padded, ``completion_ids``/``completion_mask`` [B, C] right-padded
+and cut after the first EOS, ``advantages`` A_i [B]).  Its ``_compute_loss`` accepts advantages
+of shape (B, C) as they are (it unsqueezes only 1-D ones, "to support subclasses"), so the whole
+method is one override of that method: run ``capture_statistics`` of the current policy over
+prompt + completion, compute gamma and hand TRL ``A_i * gamma_t``.  ``credit='none'`` must give
+stock TRL's loss exactly; tests/test_trainer.py checks it so that a TRL upgrade that breaks the
+contract fails CI.
+
+The other overrides are bookkeeping: ``log`` (attention-pass share of step time),
+``_save_checkpoint`` / ``_load_optimizer_and_scheduler`` (fixed head sets survive --resume, the
+pattern TRL uses for its entropy controller).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from transformers import ProgressCallback, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl import GRPOTrainer
+from trl.models import unwrap_model_for_generation
+
+from attnrhythm.capture import capture_statistics
+from attnrhythm.config import RhythmConfig
+from attnrhythm.credit import STRATEGIES, apply_sign, coupled_sets, credit_gamma, high_entropy_selection_mask
+from attnrhythm.heads import HeadSets, classify_heads, head_distance
+from attnrhythm.metrics import rhythm_from_stats
+
+CREDITS = STRATEGIES + ("high-entropy-selection",)
+RHYTHM_STATE = "rhythm_state.json"
+_NEEDS_ENTROPY = ("entropy", "high-entropy-selection")
+
+
+@dataclass
+class CreditConfig:
+    """How the trainer shapes advantages (METHOD.md section 4)."""
+
+    strategy: str = "none"
+    rhythm: RhythmConfig = field(default_factory=RhythmConfig)
+    head_refresh_steps: int = 50
+    """head_mode='fixed': re-classify heads on the current rollout batch every K optimizer steps."""
+    capture_batch_size: int | None = None
+    """Sequences per capture chunk; None = per_device_train_batch_size (as TRL's log-prob pass)."""
+    capture_with_none: bool = False
+    """Also run (and time) the attention pass for strategy 'none'; gamma stays exactly 1."""
+
+    def __post_init__(self) -> None:
+        if self.strategy not in CREDITS:
+            raise ValueError(f"credit strategy must be one of {CREDITS}, got {self.strategy!r}")
+
+
+class RhythmGRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer(..., credit=CreditConfig(strategy="coupled"))``; everything else is TRL's."""
+
+    def __init__(self, *args, credit: CreditConfig | None = None, **kwargs):
+        self.credit = credit or CreditConfig()
+        super().__init__(*args, **kwargs)
+        self._heads: HeadSets | None = None
+        self._heads_step = -1
+        self._attention_window = 0.0  # attention-pass seconds since the last log
+        self._totals = {"attention_s": 0.0, "step_s": 0.0}
+        self._extras: dict = {}
+
+    @property
+    def captures(self) -> bool:
+        return self.credit.strategy != "none" or self.credit.capture_with_none
+
+    # ------------------------------------------------------------------ the override
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        advantages = output["advantages"]
+        if not self.captures:
+            # the values TRL broadcasts from (B, 1): one code path, and the contract stays tested
+            output["advantages"] = advantages[:, None].expand(-1, output["completion_ids"].size(1)).contiguous()
+            return output
+        start = time.perf_counter()
+        gamma, keep, info = self._gamma(output)
+        shaped = apply_sign(advantages, gamma, self.credit.rhythm.sign)
+        if keep is not None:  # Wang et al.: no policy gradient outside the kept tokens
+            shaped = shaped * keep
+        output["advantages"] = shaped.to(advantages.dtype)
+        if shaped.is_cuda:
+            torch.cuda.synchronize(shaped.device)
+        self._record(time.perf_counter() - start, gamma, keep, info, output["completion_mask"].bool())
+        return output
+
+    @contextlib.contextmanager
+    def _gathered_policy(self):
+        """The current policy with full parameters, gathered exactly as TRL gathers them to
+        generate (ZeRO-3: GatheredParameters; FSDP1: summon_full_params), gradient checkpointing
+        off.  FSDP2 has no summon: the root group (embeddings, norm, head) is unsharded here, the
+        layers unshard themselves in their pre-forward hooks."""
+        dist = getattr(self, "_dist", None)
+        summon = dist.summon_full_params(self.model_wrapped, recurse=False) if dist else contextlib.nullcontext()
+        with unwrap_model_for_generation(
+                self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs) as model, summon:
+            fsdp2 = hasattr(model, "unshard") and hasattr(model, "reshard")
+            if fsdp2:
+                model.unshard()
+            try:
+                yield model
+            finally:
+                if fsdp2:
+                    model.reshard()
+
+    @torch.no_grad()
+    def _gamma(self, output):
+        """gamma [B, C] (1 on padding), keep mask [B, C] or None, and logging counts."""
+        prompt_ids, prompt_mask = output["prompt_ids"], output["prompt_mask"]
+        completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
+        ids = torch.cat([prompt_ids, completion_ids], 1)
+        mask = torch.cat([prompt_mask, completion_mask], 1)
+        response = torch.cat([torch.zeros_like(prompt_mask), completion_mask], 1).bool()
+        batch, width = completion_ids.shape
+        offset = prompt_ids.size(1)
+        cfg, strategy = self.credit.rhythm, self.credit.strategy
+        gamma = torch.ones(batch, width, device=ids.device)
+        entropy = torch.full((batch, width), math.nan, device=ids.device)
+        info = {"sets": Counter(), "local": Counter(), "global": Counter(), "distance": torch.zeros(2), "n_seq": 0}
+        # a private, step-seeded generator: random credit is reproducible across --resume and
+        # never shifts the global RNG that TRL samples completions with
+        generator = torch.Generator().manual_seed(
+            self.args.seed * 1_000_003 + self.state.global_step * 7919 + self.accelerator.process_index)
+        chunk = self.credit.capture_batch_size or self.args.per_device_train_batch_size
+        with self._gathered_policy() as model:
+            for s in range(0, batch, chunk):
+                sl = slice(s, min(batch, s + chunk))
+                stats = capture_statistics(model, ids[sl], mask[sl], config=cfg, backend="streaming",
+                                           entropy=strategy in _NEEDS_ENTROPY)
+                heads = self._fixed_heads(stats, response[sl]) if cfg.head_mode == "fixed" else None
+                r = rhythm_from_stats(stats, response[sl], cfg, heads=heads)
+                # response token j of row b sits at completion column positions[b, j] - P
+                rows, js = r.mask.nonzero(as_tuple=True)
+                cols = r.positions[rows, js] - offset
+                if strategy in STRATEGIES:
+                    g = credit_gamma(r, strategy, cfg, generator=generator)
+                    gamma[s + rows, cols] = g[rows, js].to(gamma.dtype)
+                if r.entropy is not None:
+                    entropy[s + rows, cols] = r.entropy[rows, js].float()
+                self._count(info, r, strategy, cfg)
+        keep = None
+        if strategy == "high-entropy-selection":  # ranks this process's rollout batch together
+            keep = high_entropy_selection_mask(entropy, completion_mask.bool(), cfg.high_entropy_share).float()
+        return gamma, keep, info
+
+    def _fixed_heads(self, stats, response) -> HeadSets:
+        """Head sets of head_mode='fixed' (metrics.calibrate_heads, averaged over ranks so every
+        rank uses the same sets), recomputed every head_refresh_steps on the current batch."""
+        step = self.state.global_step
+        if self._heads is None or step - self._heads_step >= self.credit.head_refresh_steps:
+            distance = torch.nan_to_num(torch.nanmean(head_distance(stats.row_distance, response), 0), nan=0.0)
+            if self.accelerator.num_processes > 1:
+                distance = self.accelerator.reduce(distance.to(self.accelerator.device), reduction="mean")
+            local, global_ = classify_heads(distance, self.credit.rhythm.head_fraction)
+            self._heads, self._heads_step = HeadSets(local.cpu(), global_.cpu()), step
+        return self._heads
+
+    @staticmethod
+    def _count(info, r, strategy, cfg) -> None:
+        """Per-strategy set sizes and head groups of one capture chunk."""
+        real = r.mask
+        if strategy == "coupled":
+            sets = coupled_sets(r.waad, r.fai, r.delta, real, cfg.q, cfg.k, cfg.selection)
+            for name in ("local", "anchor", "dominated", "intro"):
+                info["sets"][name] += int((sets[name] & real).sum())
+        for b in range(real.shape[0]):
+            local, global_ = r.local_heads[b], r.global_heads[b]
+            info["local"].update((r.layers[l], h) for l, h in local)
+            info["global"].update((r.layers[l], h) for l, h in global_)
+            d = r.head_distance[b].float().cpu()
+            info["distance"] += torch.tensor([d[tuple(zip(*local))].mean() if local else math.nan,
+                                              d[tuple(zip(*global_))].mean() if global_ else math.nan])
+            info["n_seq"] += 1
+
+    # ------------------------------------------------------------------ logging
+    def _record(self, seconds, gamma, keep, info, valid) -> None:
+        """Rhythm metrics into TRL's logs, summed over ranks (one all-gather of a small vector)."""
+        mode = "train" if self.model.training else "eval"
+        g = gamma[valid]
+        set_names = sorted(info["sets"])
+        local = torch.tensor([g.sum().item(), g.numel(), (g > 1).sum().item(), (g < 1).sum().item(),
+                              keep[valid].sum().item() if keep is not None else 0.0,
+                              *info["distance"].tolist(), info["n_seq"], *[info["sets"][n] for n in set_names]],
+                             dtype=torch.float64, device=self.accelerator.device)
+        total = self.accelerator.gather(local[None]).sum(0).tolist()
+        n = max(1.0, total[1])
+        metrics = self._metrics[mode]
+        metrics["rhythm/gamma_mean"].append(total[0] / n)
+        metrics["rhythm/share_amplified"].append(total[2] / n)
+        metrics["rhythm/share_reduced"].append(total[3] / n)
+        if keep is not None:
+            metrics["rhythm/set_kept"].append(total[4] / n)
+        elif self.credit.strategy in ("random", "entropy", "local", "global"):
+            metrics[f"rhythm/set_{self.credit.strategy}"].append(total[2] / n)
+        metrics["rhythm/heads_local_distance"].append(total[5] / max(1.0, total[7]))
+        metrics["rhythm/heads_global_distance"].append(total[6] / max(1.0, total[7]))
+        for i, name in enumerate(set_names):
+            metrics[f"rhythm/set_{name}"].append(total[8 + i] / n)
+        metrics["rhythm/attention_s"].append(seconds)
+        self._attention_window += seconds
+        n_seq = max(1, info["n_seq"])
+        top = lambda c: [[layer, head, round(k / n_seq, 4)] for (layer, head), k in c.most_common(8)]  # noqa: E731
+        self._extras["head_groups"] = {"mode": self.credit.rhythm.head_mode, "local": top(info["local"]),
+                                       "global": top(info["global"])}
+
+    def pop_log_extras(self) -> dict:
+        """Non-scalar extras of the last rollout (head groups) for metrics.jsonl, once."""
+        extras, self._extras = self._extras, {}
+        return extras
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if self.model.training and self.captures:
+            step_s = sum(self._metrics["train"].get("step_time", []))
+            self._totals["attention_s"] += self._attention_window
+            self._totals["step_s"] += step_s
+            if step_s > 0:
+                logs["rhythm/attention_share"] = self._attention_window / step_s
+            if self._totals["step_s"] > 0:
+                logs["rhythm/attention_share_total"] = self._totals["attention_s"] / self._totals["step_s"]
+            self._attention_window = 0.0
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, model, trial):
+        # written before TRL/transformers write the rest, so trainer_state.json stays the last
+        # file of a complete checkpoint
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            state = {"heads_step": self._heads_step, "totals": self._totals,
+                     "heads": None if self._heads is None else
+                     {"local": self._heads.local.tolist(), "global": self._heads.global_.tolist()}}
+            with open(os.path.join(folder, RHYTHM_STATE), "w") as f:
+                json.dump(state, f)
+        super()._save_checkpoint(model, trial)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint, RHYTHM_STATE) if checkpoint else None
+        if path and os.path.exists(path):
+            with open(path) as f:
+                state = json.load(f)
+            self._heads_step = state["heads_step"]
+            self._totals = state["totals"]
+            if state["heads"] is not None:
+                self._heads = HeadSets(torch.tensor(state["heads"]["local"]), torch.tensor(state["heads"]["global"]))
+
+
+class MetricsJsonl(TrainerCallback):
+    """One JSON line per logging step in ``path`` (main process).  Each line is flushed and
+    fsynced, so a killed run keeps what it logged; ``truncate_metrics`` cuts a resumed run's
+    file back to its checkpoint.  The end-of-training summary goes to train_summary.json."""
+
+    def __init__(self, path: str, extras=None):
+        self.path, self.extras = path, extras
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        clean = {k: _plain(v) for k, v in logs.items()}
+        if "train_runtime" in logs:
+            with open(os.path.join(os.path.dirname(self.path), "train_summary.json"), "w") as f:
+                json.dump({"step": state.global_step, **clean}, f, indent=1)
+            return
+        record = {"step": state.global_step, **clean, **(self.extras() if self.extras else {})}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _plain(v):
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def truncate_metrics(path: str, last_step: int) -> int:
+    """Keep the complete lines with step <= last_step (atomically); returns the count kept."""
+    if not os.path.exists(path):
+        return 0
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by SIGKILL
+                continue
+            if isinstance(record, dict) and record.get("step", math.inf) <= last_step:
+                kept.append(json.dumps(record) + "\n")
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+    return len(kept)
+
+
+class CompactProgress(ProgressCallback):
+    """TRL's progress bar, with reward/accuracy/loss in the bar instead of a dict printed per step."""
+
+    KEYS = ("loss", "reward", "accuracy", "rhythm/gamma_mean")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            shown = {k.split("/")[-1]: f"{logs[k]:.3g}" for k in self.KEYS if isinstance(logs.get(k), (int, float))}
+            if shown:
+                self.training_bar.set_postfix(shown, refresh=False)

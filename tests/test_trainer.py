@@ -1,0 +1,192 @@
+"""RhythmGRPOTrainer on a tiny random Llama (SmolLM2's tokenizer): the TRL contract and the
+credit wiring.  The equivalence test is the guard against TRL upgrades: with credit 'none' our
+trainer must give stock GRPOTrainer's loss and updated weights exactly."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+from datasets import Dataset  # noqa: E402
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from attnrhythm.capture import capture_statistics  # noqa: E402
+from attnrhythm.config import RhythmConfig  # noqa: E402
+from attnrhythm.credit import credit_gamma  # noqa: E402
+from attnrhythm.metrics import calibrate_heads, rhythm_from_stats  # noqa: E402
+from attnrhythm.models import embedded_model_dir, load_model  # noqa: E402
+from attnrhythm.train.trainer import CreditConfig, RhythmGRPOTrainer, truncate_metrics  # noqa: E402
+
+PROMPTS = [f"User: what is {i} plus {2 * i + 1}?{' Think.' * (i % 3)}\nAssistant:" for i in range(8)]
+
+
+def build_tiny_model(path) -> str:
+    """A 4-layer random Llama with SmolLM2's tokenizer (cached already): fast, real tokens."""
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir("smollm2-135m"))
+    tok.pad_token = tok.pad_token or tok.eos_token
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def id_reward(prompts, completions, completion_ids, **kwargs):
+    """Deterministic rewards with spread, so advantages (and updates) are not zero."""
+    return [float(sum(ids) % 7) for ids in completion_ids]
+
+
+def make_trainer(cls, model_dir, out, **extra):
+    model, tok = load_model(model_dir, dtype="float32", device="cpu")
+    args = GRPOConfig(output_dir=str(out), max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                      steps_per_generation=2, num_generations=2, max_completion_length=12, loss_type="grpo",
+                      beta=0.0, learning_rate=1e-2, lr_scheduler_type="constant", use_cpu=True, bf16=False, seed=0,
+                      report_to="none", logging_steps=1, save_strategy="no", gradient_checkpointing=True,
+                      disable_tqdm=True)
+    return cls(model=model, reward_funcs=[id_reward], args=args, train_dataset=Dataset.from_list(
+        [{"prompt": p} for p in PROMPTS]), processing_class=tok, **extra)
+
+
+@pytest.fixture
+def one_thread():
+    # bitwise comparisons across two trainings: keep the CPU kernels' reduction order fixed
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_none_equals_stock_trl(tiny_model, tmp_path, one_thread):
+    stock = make_trainer(GRPOTrainer, tiny_model, tmp_path / "stock")
+    stock.train()
+    losses = [h["loss"] for h in stock.state.log_history if "loss" in h]
+    assert any(abs(x) > 1e-4 for x in losses), "rewards must give non-zero advantages for this test to bite"
+    for capture in (False, True):  # with capture: the attention pass itself must leave no trace
+        ours = make_trainer(RhythmGRPOTrainer, tiny_model, tmp_path / f"ours{capture}",
+                            credit=CreditConfig(strategy="none", capture_with_none=capture))
+        ours.train()
+        assert [h["loss"] for h in ours.state.log_history if "loss" in h] == losses
+        for (name, a), (_, b) in zip(stock.model.named_parameters(), ours.model.named_parameters()):
+            assert torch.equal(a, b), f"{name} differs from stock TRL (capture={capture})"
+    assert "rhythm/gamma_mean" in ours.state.log_history[0]
+
+
+@pytest.fixture(scope="module")
+def rollout(tiny_model, tmp_path_factory):
+    """One stock rollout batch (with completions cut to different lengths, as EOS would) and a
+    trainer whose parent method replays it, so every strategy shapes the very same batch."""
+    trainer = make_trainer(RhythmGRPOTrainer, tiny_model, tmp_path_factory.mktemp("rollout"))
+    trainer.model.train()
+    trainer.model.gradient_checkpointing_enable()  # as Trainer.train() does: the capture must switch it off and back
+    base = GRPOTrainer._generate_and_score_completions(trainer, [{"prompt": p} for p in PROMPTS for _ in range(2)])
+    mask = base["completion_mask"].clone()
+    for b, n in enumerate([12, 3, 7, 12, 1, 9, 12, 5, 11, 12, 2, 8, 12, 6, 10, 4]):
+        mask[b, n:] = 0
+    base["completion_mask"] = mask
+    assert base["prompt_mask"].min() == 0, "prompts of different lengths: left padding is exercised"
+    return trainer, base
+
+
+def shape(rollout, monkeypatch, **credit):
+    trainer, base = rollout
+    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", lambda self, inputs: dict(base))
+    trainer.credit = CreditConfig(**credit)
+    trainer._heads, trainer._heads_step = None, -1
+    return trainer._generate_and_score_completions(None), base
+
+
+def test_coupled_gamma_lands_on_the_right_tokens(rollout, monkeypatch):
+    out, base = shape(rollout, monkeypatch, strategy="coupled")
+    trainer = rollout[0]
+    A, adv, mask = base["advantages"], out["advantages"], base["completion_mask"].bool()
+    assert adv.shape == base["completion_ids"].shape and adv.dtype == A.dtype
+    # reference: capture the same sequences independently, left-aligned gamma per response
+    ids = torch.cat([base["prompt_ids"], base["completion_ids"]], 1)
+    attn = torch.cat([base["prompt_mask"], base["completion_mask"]], 1)
+    response = torch.cat([torch.zeros_like(base["prompt_mask"]), base["completion_mask"]], 1).bool()
+    cfg = RhythmConfig()
+    r = rhythm_from_stats(capture_statistics(trainer.model, ids, attn, config=cfg), response, cfg)
+    gamma = credit_gamma(r, "coupled", cfg)
+    assert (gamma > 1).any()
+    for b in range(len(A)):
+        n = int(mask[b].sum())
+        torch.testing.assert_close(adv[b, :n], A[b] * gamma[b, :n], rtol=1e-6, atol=0)
+        assert torch.equal(adv[b, n:], A[b].expand(adv.shape[1] - n))  # padding: gamma 1 (masked by TRL anyway)
+    assert trainer.model.training and trainer.model.config._attn_implementation == "sdpa"
+    assert trainer.model.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("strategy", ["random", "entropy", "local", "global"])
+def test_strategies_amplify_a_q_share(rollout, monkeypatch, strategy):
+    out, base = shape(rollout, monkeypatch, strategy=strategy, rhythm=RhythmConfig(q=0.4, amp=1.5))
+    A, mask = base["advantages"], base["completion_mask"].bool()
+    nonzero = A.abs() > 0
+    ratio = torch.round(out["advantages"][nonzero] / A[nonzero, None] * 1e4) / 1e4  # division round-off
+    assert set(ratio[mask[nonzero]].unique().tolist()) <= {1.0, 1.5}
+    amplified = ((ratio == 1.5) & mask[nonzero]).sum(-1)
+    assert (amplified <= torch.ceil(0.4 * mask[nonzero].sum(-1))).all() and amplified.sum() > 0
+
+
+def test_sign_positive_leaves_negative_advantages(rollout, monkeypatch):
+    out, base = shape(rollout, monkeypatch, strategy="local", rhythm=RhythmConfig(sign="positive"))
+    A = base["advantages"]
+    neg, pos = A < 0, A > 0
+    assert torch.equal(out["advantages"][neg], A[neg, None].expand(-1, out["advantages"].shape[1]))
+    assert (out["advantages"][pos] != A[pos, None]).any()
+
+
+def test_high_entropy_selection_keeps_top_share(rollout, monkeypatch):
+    out, base = shape(rollout, monkeypatch, strategy="high-entropy-selection")
+    A, mask = base["advantages"], base["completion_mask"].bool()
+    kept = (out["advantages"] != 0) & mask & (A[:, None] != 0)
+    n_valid = int(mask.sum())
+    assert int(((out["advantages"] != 0) | (A[:, None] == 0))[mask].sum()) >= int(kept.sum())
+    assert 0 < int(kept.sum()) <= math.ceil(0.2 * n_valid)
+    assert torch.equal(out["advantages"][kept], A[:, None].expand_as(mask)[kept])  # kept tokens: plain A_i
+
+
+def test_fixed_heads_calibrate_and_refresh(rollout, monkeypatch):
+    trainer, base = rollout
+    out, _ = shape(rollout, monkeypatch, strategy="global", rhythm=RhythmConfig(head_mode="fixed"),
+                   head_refresh_steps=2)
+    first = trainer._heads
+    # the calibration batch is the first capture chunk (per_device_train_batch_size sequences)
+    ids = torch.cat([base["prompt_ids"], base["completion_ids"]], 1)[:4]
+    attn = torch.cat([base["prompt_mask"], base["completion_mask"]], 1)[:4]
+    response = torch.cat([torch.zeros_like(base["prompt_mask"]), base["completion_mask"]], 1).bool()[:4]
+    ref = calibrate_heads(capture_statistics(trainer.model, ids, attn), response, RhythmConfig())
+    assert torch.equal(first.local, ref.local) and torch.equal(first.global_, ref.global_)
+    try:
+        trainer.state.global_step = 1
+        trainer._generate_and_score_completions(None)
+        assert trainer._heads is first and trainer._heads_step == 0
+        trainer.state.global_step = 2
+        trainer._generate_and_score_completions(None)
+        assert trainer._heads is not first and trainer._heads_step == 2
+    finally:
+        trainer.state.global_step = 0
+
+
+def test_truncate_metrics_drops_cut_and_later_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 0.1}) + "\n" for s in (1, 2, 3, 4)) + '{"step": 5, "lo')
+    assert truncate_metrics(str(path), 2) == 2
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2]
+    assert truncate_metrics(str(tmp_path / "absent.jsonl"), 3) == 0
+
+
+def test_unknown_strategy_is_refused():
+    with pytest.raises(ValueError, match="credit strategy"):
+        CreditConfig(strategy="anchors")
