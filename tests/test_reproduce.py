@@ -1,0 +1,107 @@
+"""`attnrhythm reproduce`: the verdict rule on constructed intervals, the report from constructed
+tables, and (slow) the whole command on SmolLM2, then again reusing every output."""
+import json
+import math
+
+import pytest
+
+from attnrhythm import reproduce
+from attnrhythm.couplings import COUPLINGS, PAPER_TABLE2
+from attnrhythm.reproduce import MIN_PROBLEMS, claims, render_markdown, verdict, write_figures
+
+N = MIN_PROBLEMS  # enough problems for a verdict
+
+
+# ---------------------------------------------------------------- verdicts
+def test_verdict_positive_paper_effect():
+    assert verdict((0.05, 0.30), null=0.0, paper=0.52, n=N)[0] == "reproduced"
+    assert verdict((-0.30, -0.01), null=0.0, paper=0.52, n=N)[0] == "not reproduced"
+    assert verdict((-0.05, 0.30), null=0.0, paper=0.52, n=N)[0] == "inconclusive"
+    assert verdict((0.0, 0.30), null=0.0, paper=0.52, n=N)[0] == "inconclusive"  # touching no effect
+
+
+def test_verdict_negative_paper_effect_and_other_nulls():
+    # Table 1: top minus bottom Jaccard, the paper's effect is negative
+    assert verdict((-0.2, -0.01), null=0.0, paper=-0.097, n=N)[0] == "reproduced"
+    assert verdict((0.01, 0.2), null=0.0, paper=-0.097, n=N)[0] == "not reproduced"
+    # share of problems with top < bottom, no effect = 50%
+    assert verdict((0.6, 0.9), null=0.5, paper=0.8714, n=N)[0] == "reproduced"
+    assert verdict((0.2, 0.45), null=0.5, paper=0.8714, n=N)[0] == "not reproduced"
+    assert verdict((0.45, 0.9), null=0.5, paper=0.8714, n=N)[0] == "inconclusive"
+
+
+def test_verdict_without_interval_or_with_few_problems():
+    assert verdict(None, 0.0, 0.5)[0] == "inconclusive"
+    assert verdict((math.nan, math.nan), 0.0, 0.5, n=N)[0] == "inconclusive"
+    assert verdict((None, None), 0.0, 0.5, n=N)[0] == "inconclusive"
+    label, why = verdict((0.1, 0.2), 0.0, 0.5, n=MIN_PROBLEMS - 1)
+    assert label == "inconclusive" and "sample size" in why
+
+
+# ---------------------------------------------------------------- report from constructed tables
+def _coupling_row(lift, ci):
+    return dict(label="x", observed=0.4, random=0.3, lift=lift, observed_ci=(0.3, 0.5), random_ci=(0.2, 0.4),
+                lift_ci=ci, n=N, n_skipped=0, n_boot=100)
+
+
+def _tables():
+    table2 = {name: _coupling_row(lift, ci) for name, lift, ci in
+              zip(COUPLINGS, (0.3, 0.1, -0.2), ((0.1, 0.5), (-0.1, 0.3), (-0.3, -0.1)))}
+    table1 = dict(n_problems=N, n_compared=N, n_skipped=0, seconds_per_problem=12.0,
+                  top=dict(mean=0.45, ci=[0.4, 0.5], paper=0.534), bottom=dict(mean=0.6, ci=[0.55, 0.65], paper=0.631),
+                  difference=dict(mean=-0.15, ci=[-0.2, -0.1], paper=-0.097),
+                  top_below_bottom=dict(share=0.8, ci=[0.6, 0.95], paper=0.8714, n_ties=0),
+                  settings=dict(k=3, alternatives=3, max_new_tokens=256, min_after=10, dtype="float32"))
+    ranges = {name: dict(layers=[i, i + 1], table=table2) for i, name in enumerate(reproduce.RANGES)}
+    return table2, table1, ranges
+
+
+def test_claims_and_markdown(tmp_path):
+    table2, table1, ranges = _tables()
+    rows = claims(table2, table1, ranges)
+    assert len(rows) == 3 + 2 + 3 * 3
+    by_claim = {r["claim"]: r["verdict"] for r in rows}
+    assert [by_claim[r["claim"]] for r in rows[:5]] == ["reproduced", "inconclusive", "not reproduced",
+                                                         "reproduced", "reproduced"]
+    figures = write_figures(tmp_path / "figures", table1, ranges)
+    assert all((tmp_path / path).stat().st_size > 1000 for path in figures.values())
+    text = render_markdown({"model": "m", "machine": "cpu"}, rows, table2, table1, ranges, figures)
+    for number in ("0.534", "0.631", "87.1%", "-0.097", "+52.0%", "+171.5%", "+42.5%", "0.239"):
+        assert number in text
+    assert text.count("**reproduced**") == sum(r["verdict"] == "reproduced" for r in rows)
+    assert "figures/jaccard_top_bottom.png" in text and "- **model**: m" in text
+
+
+# ---------------------------------------------------------------- end to end on SmolLM2
+@pytest.mark.slow
+def test_reproduce_end_to_end_then_reuse(tmp_path, monkeypatch, smollm2):
+    from attnrhythm import cli
+    out = tmp_path / "repro"
+    argv = ["reproduce", "--out", str(out), "--n", "2", "--max-new-tokens", "48", "--n-boot", "200", "--threads", "1"]
+    assert cli.main(argv) == 0
+    for name in ("REPRODUCTION.md", "reproduction.json", "metrics.jsonl", "couplings.json", "perturbations.jsonl",
+                 "perturbation.json", "perturbation.html", "layer_ranges.json", "figures/jaccard_top_bottom.png",
+                 "figures/couplings_by_layer_range.png"):
+        assert (out / name).exists(), name
+    text = (out / "REPRODUCTION.md").read_text()
+    for piece in ("smollm2-135m", "gsm8k", "0.534", "0.631", "87.1%", "cpu_count", "torch", "attnrhythm reproduce",
+                  "Table 2", "Table 1", "Table 10", "bottom [", "top [", "inconclusive"):
+        assert piece in text, piece
+    saved = json.loads((out / "reproduction.json").read_text())
+    assert len(saved["claims"]) == 3 + 2 + 9
+    assert {r["verdict"] for r in saved["claims"]} == {"inconclusive"}  # 2 problems: too few to judge
+    assert set(saved["layer_ranges"]) == {"bottom", "middle", "top"}
+    assert saved["layer_ranges"]["bottom"]["layers"] != saved["layer_ranges"]["middle"]["layers"]
+
+    # a second run reuses everything: no generation, no model, no recapture
+    def refuse(*args, **kwargs):
+        raise AssertionError("reproduce generated or loaded a model again")
+    monkeypatch.setattr("attnrhythm.models.load_model", refuse)
+    monkeypatch.setattr("attnrhythm.analysis.sample_responses", refuse)
+    monkeypatch.setattr("attnrhythm.perturb.greedy_responses", refuse)
+    monkeypatch.setattr("attnrhythm.analysis.capture_records", refuse)
+    before = (out / "metrics.jsonl").read_text(), (out / "perturbations.jsonl").read_text()
+    assert cli.main(argv) == 0
+    assert before == ((out / "metrics.jsonl").read_text(), (out / "perturbations.jsonl").read_text())
+    # another n with the same folder is refused instead of mixing studies
+    assert cli.main(argv[:4] + ["3"] + argv[5:]) == 2
