@@ -153,6 +153,17 @@ def test_flags_override_yaml_and_rhythm_fields_route(tmp_path):
     assert config.out == str(tmp_path / "o") and config.trl == {"epsilon_high": 0.28}
 
 
+def test_yaml_numbers_written_without_a_dot_are_numbers(tmp_path):
+    # PyYAML reads 1e-5 as the string '1e-5'; AdamW would crash on it much later
+    yml = tmp_path / "run.yaml"
+    yml.write_text("learning_rate: 1e-5\nq: 2e-1\nout: " + str(tmp_path / "o") + "\n")
+    config, _ = train_run.resolve(parse("--config", str(yml)))
+    assert config.learning_rate == 1e-5 and isinstance(config.learning_rate, float)
+    assert config.rhythm.q == 0.2
+    with pytest.raises(ValueError, match="must be a number"):
+        TrainConfig().update({"learning_rate": "fast"})
+
+
 def test_config_errors_are_loud(tmp_path):
     with pytest.raises(ValueError, match="unknown config fields"):
         TrainConfig().update({"learning_rte": 1e-5})

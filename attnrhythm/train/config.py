@@ -120,11 +120,22 @@ class TrainConfig:
             raise ValueError(f"unknown config fields {sorted(unknown)}; known: {sorted(mine | _RHYTHM_FIELDS)}")
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         rhythm = self.rhythm.to_dict()
-        rhythm.update(changes.get("rhythm") or {})
-        rhythm.update({k: v for k, v in changes.items() if k in _RHYTHM_FIELDS})
-        d.update({k: v for k, v in changes.items() if k in mine and k != "rhythm"})
+        for key, value in {**(changes.get("rhythm") or {}),
+                           **{k: v for k, v in changes.items() if k in _RHYTHM_FIELDS}}.items():
+            rhythm[key] = _coerce(key, rhythm.get(key), value)
+        d.update({k: _coerce(k, d[k], v) for k, v in changes.items() if k in mine and k != "rhythm"})
         d["rhythm"] = RhythmConfig.from_dict(rhythm)
         return TrainConfig(**d)
+
+
+def _coerce(name: str, current, value):
+    """YAML reads ``1e-5`` (no dot) as a string: turn strings into the field's number type."""
+    if isinstance(value, str) and isinstance(current, (int, float)) and not isinstance(current, bool):
+        try:
+            return type(current)(float(value)) if isinstance(current, float) else int(value)
+        except ValueError:
+            raise ValueError(f"config field {name!r} must be a number, got {value!r}") from None
+    return value
 
 
 def load_yaml(path: str) -> dict:

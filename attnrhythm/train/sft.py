@@ -1,0 +1,228 @@
+"""A short supervised warm start on Countdown solutions written by our own solver.
+
+Why: zero-shot SmolLM2-135M barely plays Countdown (2 of 24 samples at temperature 1.0 used the
+answer tags, none correct), so most GRPO groups would be all-zero reward and teach nothing.  A few
+dozen supervised steps on solver-written completions teach the TinyZero format
+
+    <think> 12 + 5 = 17, 17 * 3 = 51. 51 equals the target. </think>
+    <answer> (12 + 5) * 3 </answer><eos>
+
+(the base-style prompt already ends with the opening ``<think>``, so the target continues from
+there), which makes the RL experiment learnable at this scale.  Only train-split instances are
+accepted: the test split stays unseen.
+
+Plain torch loop (AdamW, fixed seed, fixed data order): simple and deterministic.  Run once and
+save the folder that every RL run starts from:
+
+    python -m attnrhythm.train.sft --model smollm2-135m --task countdown-easy --out runs/warm
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import os
+import random
+import time
+from fractions import Fraction
+
+import torch
+
+from attnrhythm.tasks import get_task, solve_countdown
+
+_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
+
+
+# ----------------------------------------------------------------------------- targets
+def _fmt(x: Fraction) -> str:
+    return str(x.numerator) if x.denominator == 1 else f"{x.numerator}/{x.denominator}"
+
+
+def _steps(expr: str) -> tuple[list[str], Fraction]:
+    """The solver's expression as one 'a op b = c' step per operation, innermost first.
+
+    ``ast.parse`` only parses (nothing is executed), and the text comes from our own solver.
+    """
+    def walk(node) -> Fraction:
+        if isinstance(node, ast.Constant):
+            return Fraction(node.value)
+        a, b = walk(node.left), walk(node.right)
+        op = _OPS[type(node.op)]
+        value = {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else None}[op]
+        steps.append(f"{_fmt(a)} {op} {_fmt(b)} = {_fmt(value)}")
+        return value
+
+    steps: list[str] = []
+    value = walk(ast.parse(expr, mode="eval").body)
+    return steps, value
+
+
+def solution_completion(numbers, target: int) -> str | None:
+    """The completion that follows the prompt's opening ``<think>``, or None if unsolvable."""
+    expr = solve_countdown(list(numbers), target)
+    if expr is None:
+        return None
+    steps, value = _steps(expr)
+    assert value == target, (expr, value, target)  # the solver is exact: a mismatch is a bug
+    return f" {', '.join(steps)}. {_fmt(value)} equals the target. </think>\n<answer> {expr} </answer>"
+
+
+def _check_train_split(row: dict) -> None:
+    # the split is a pure function of the instance (a hash); re-derive it so a test instance can
+    # never leak into the warm start, whatever the caller passed
+    from attnrhythm.tasks.countdown import _split_of
+
+    if _split_of(row["numbers"], row["target"]) != "train":
+        raise ValueError(f"warm start got a test-split instance {row['numbers']} -> {row['target']}")
+
+
+def prompt_text(tokenizer, prompt) -> str:
+    """A row's prompt as text: base prompts as they are, chat messages through the chat template."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+
+
+def sft_examples(rows: list[dict], tokenizer) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids + eos) for every solvable train row.
+
+    Prompt and completion are tokenised separately and concatenated, exactly as RL sees them:
+    the policy continues from the prompt's token ids.  Ending in eos teaches the model to stop,
+    which keeps RL rollouts short.
+    """
+    out = []
+    for row in rows:
+        _check_train_split(row)
+        completion = solution_completion(row["numbers"], row["target"])
+        if completion is None:
+            continue
+        if not isinstance(row["prompt"], str):  # chat template: the assistant turn is not pre-filled
+            completion = "<think>" + completion
+        p = tokenizer(prompt_text(tokenizer, row["prompt"]), add_special_tokens=not isinstance(row["prompt"], list))
+        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        out.append((p["input_ids"], c))
+    if not out:
+        raise ValueError("no solvable rows for the warm start")
+    return out
+
+
+def _batch(examples, pad_id: int, device) -> dict:
+    """Right-padded input ids, mask and labels (-100 on prompt and padding: loss on completions)."""
+    n = max(len(p) + len(c) for p, c in examples)
+    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), n), dtype=torch.long)
+    for i, (p, c) in enumerate(examples):
+        seq = p + c
+        ids[i, : len(seq)] = torch.tensor(seq)
+        labels[i, len(p) : len(seq)] = torch.tensor(c)
+        mask[i, : len(seq)] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+@torch.no_grad()
+def sft_loss(model, tokenizer, rows: list[dict], batch_size: int = 8) -> float:
+    """Mean per-token completion loss on ``rows`` (for checking that the warm start learns)."""
+    examples = sft_examples(rows, tokenizer)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for i in range(0, len(examples), batch_size):
+        batch = _batch(examples[i : i + batch_size], tokenizer.pad_token_id, device)
+        n_tok = int((batch["labels"][:, 1:] != -100).sum())
+        total += float(model(**batch).loss) * n_tok
+        count += n_tok
+    model.train(was_training)
+    return total / count
+
+
+# ----------------------------------------------------------------------------- the loop
+def warm_start(model, tokenizer, rows: list[dict], steps: int, lr: float = 1e-4, batch_size: int = 8,
+               seed: int = 0, log_every: int = 0) -> dict:
+    """``steps`` AdamW steps of completion-only cross-entropy on solver solutions of ``rows``.
+
+    ``rows`` are Countdown task rows (``prompt``, ``numbers``, ``target``) of the train split.
+    The data order is a seeded shuffle, reshuffled every epoch; the model is trained in place
+    and left in eval mode.  Returns ``{"losses": [per step], "n_examples": int, "seconds": float}``.
+
+    lr 1e-4 (**Decision**): on SmolLM2-135M, batch 8, the completion loss falls from 1.77 to 0.34
+    in 6 steps and to ~0.1 by step 30 (format learned, arithmetic still often wrong: room for RL);
+    linear warm-up over the first 10% of steps.
+    """
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    examples = sft_examples(rows, tokenizer)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    model.train()
+    order: list[int] = []
+    losses: list[float] = []
+    t0 = time.time()
+    for step in range(steps):
+        if len(order) < batch_size:  # next epoch: a fresh seeded permutation
+            perm = list(range(len(examples)))
+            rng.shuffle(perm)
+            order += perm
+        idx, order = order[:batch_size], order[batch_size:]
+        batch = _batch([examples[i] for i in idx], tokenizer.pad_token_id, device)
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            print(f"warm start step {step + 1}/{steps}  loss {losses[-1]:.4f}  {time.time() - t0:.0f}s", flush=True)
+    model.eval()
+    return {"losses": losses, "n_examples": len(examples), "seconds": time.time() - t0}
+
+
+# ----------------------------------------------------------------------------- command line
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m attnrhythm.train.sft", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m", help="embedded name, local folder or hub id")
+    p.add_argument("--task", default="countdown-easy", help="countdown or countdown-easy")
+    p.add_argument("--template", default="base", choices=["base", "chat"])
+    p.add_argument("--n", type=int, default=2000, help="train-split instances to draw")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=1234, help="data and order seed (default differs from RL's "
+                   "prompt seed, so RL mostly sees fresh train instances)")
+    p.add_argument("--out", required=True, help="folder to save the warm model and tokenizer to")
+    args = p.parse_args(argv)
+
+    from attnrhythm.models import load_model
+
+    model, tokenizer = load_model(args.model, dtype="float32")
+    rows = get_task(args.task, args.template).load("train", args.n, args.seed)
+    before = sft_loss(model, tokenizer, rows[:32])
+    log = warm_start(model, tokenizer, rows, args.steps, lr=args.lr, batch_size=args.batch_size,
+                     seed=args.seed, log_every=10)
+    after = sft_loss(model, tokenizer, rows[:32])
+    # save into a staging folder and rename: a half-written model folder is never picked up
+    staging = args.out.rstrip("/") + ".partial"
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    info = {**vars(args), "loss_before": before, "loss_after": after, **log}
+    with open(os.path.join(staging, "warm_start.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    if os.path.exists(args.out):
+        import shutil
+
+        shutil.rmtree(args.out)
+    os.replace(staging, args.out)
+    print(f"warm start: {log['n_examples']} examples, {args.steps} steps, loss on 32 rows "
+          f"{before:.3f} -> {after:.3f}, {log['seconds']:.0f}s; saved {args.out}")
+    return 0 if math.isfinite(after) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
