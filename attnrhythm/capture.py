@@ -106,9 +106,13 @@ def token_entropy(model, hidden: Tensor, temperature: float = 1.0, chunk_bytes: 
         logits = head(hidden[:, c0:c1]).float()
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
-        logits = logits / temperature
-        logp = torch.log_softmax(logits, dim=-1)
-        out[:, c0 + 1:c1 + 1] = -(logp.exp() * logp).sum(-1)
+        # H = log Z - sum_v e_v x_v / Z with x = logits - max, e = exp(x): three passes over
+        # the vocabulary instead of log_softmax + exp + product + sum
+        x = logits.div_(temperature)
+        x = x.sub_(x.amax(-1, keepdim=True))
+        e = x.exp()
+        z = e.sum(-1)
+        out[:, c0 + 1:c1 + 1] = z.log() - torch.linalg.vecdot(e, x) / z
     return out
 
 

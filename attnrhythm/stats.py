@@ -83,7 +83,7 @@ def accumulate_rows(stats: AttentionStats, slot: int, probs: Tensor, row_start: 
 
     # distances t - s, computed directly (not t - sum A*s) to avoid cancellation at large t
     distance = (rows[:, None] - keys[None, :]).clamp(min=0).to(probs.dtype)  # [b, K]
-    row_distance = (probs * distance).sum(-1) * row_valid[:, None, :]
+    row_distance = torch.einsum("bhts,ts->bht", probs, distance) * row_valid[:, None, :]
     stats.row_distance[:, slot, :, row_start:row_start + n_rows] = row_distance
 
     width = stats.band.shape[-1]

@@ -66,19 +66,19 @@ def _rhythm_attention(module, query: Tensor, key: Tensor, value: Tensor, attenti
     for t0 in range(0, length, rows_per_block):
         t1 = min(length, t0 + rows_per_block)
         k0 = 0 if not sliding_window else max(0, t0 - sliding_window + 1)
-        scores = torch.matmul(q[:, :, :, t0:t1], k[:, :, :, k0:t1].transpose(-1, -2)) * scaling
-        rows = torch.arange(t0, t1, device=query.device)[:, None]
-        cols = torch.arange(k0, t1, device=query.device)[None, :]
-        if attention_mask is None:
-            allowed = cols <= rows
-            if sliding_window:
-                allowed = allowed & (rows - cols < sliding_window)
-            scores = scores.masked_fill(~allowed, min_value)
+        scores = torch.matmul(q[:, :, :, t0:t1], k[:, :, :, k0:t1].transpose(-1, -2)).mul_(scaling)
+        if attention_mask is None and not sliding_window:
+            # causal: only the block's own diagonal square has masked entries
+            upper = torch.ones(t1 - t0, t1 - t0, dtype=torch.bool, device=query.device).triu_(1)
+            scores[..., t0 - k0:].masked_fill_(upper, min_value)
+        elif attention_mask is None:
+            rows = torch.arange(t0, t1, device=query.device)[:, None]
+            cols = torch.arange(k0, t1, device=query.device)[None, :]
+            scores.masked_fill_((cols > rows) | (rows - cols >= sliding_window), min_value)
         elif attention_mask.dtype == torch.bool:
-            block_mask = attention_mask[:, :, t0:t1, k0:t1]  # [B, 1, b, K]
-            scores = scores.masked_fill(~block_mask[:, :, None], min_value)
+            scores.masked_fill_(~attention_mask[:, :, t0:t1, k0:t1][:, :, None], min_value)
         else:
-            scores = scores + attention_mask[:, :, t0:t1, k0:t1][:, :, None]
+            scores.add_(attention_mask[:, :, t0:t1, k0:t1][:, :, None])
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
         out[:, :, :, t0:t1] = torch.matmul(probs.to(value.dtype), v[:, :, :, k0:t1])
         accumulate_rows(cap.stats, slot, probs.view(batch, q_heads, t1 - t0, t1 - k0), t0, k0)
