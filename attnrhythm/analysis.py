@@ -363,11 +363,10 @@ def _horizon_arg(text: str) -> tuple[int, int | None]:
 
 
 def configure_parser(p) -> None:
+    from .cli import add_problem_arguments
+
     s = AnalyzeSettings()
-    p.add_argument("--model", default=s.model, help="embedded name, local folder or hub id (default %(default)s)")
-    p.add_argument("--data", default=s.data, help="gsm8k, champ, a .jsonl file or a hub id (default %(default)s)")
-    p.add_argument("--n", type=int, default=s.n, help="problems, sampled with --seed (default %(default)s)")
-    p.add_argument("--seed", type=int, default=s.seed, help="problem sample, sampling and bootstrap seed")
+    add_problem_arguments(p)
     p.add_argument("--out", default="runs/analyze", help="output folder (default %(default)s)")
     p.add_argument("--prompt", choices=PROMPT_STYLES, default=s.prompt,
                    help="auto: chat template for instruct models (SmolLM2), the paper's prompt otherwise")

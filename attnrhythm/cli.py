@@ -18,6 +18,15 @@ COMMANDS = {
 }
 
 
+def add_problem_arguments(p: argparse.ArgumentParser, n: int = 70) -> None:
+    """--model, --data, --n, --seed: shared by analyze, perturb and reproduce, so that one output
+    folder means the same problems to all three."""
+    p.add_argument("--model", default="smollm2-135m", help="embedded name, local folder or hub id (default %(default)s)")
+    p.add_argument("--data", default="gsm8k", help="gsm8k, champ, a .jsonl file or a hub dataset id (default %(default)s)")
+    p.add_argument("--n", type=int, default=n, help="problems, sampled with --seed (paper: 70; default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="problem sample, sampling and bootstrap seed")
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnrhythm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

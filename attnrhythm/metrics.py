@@ -9,7 +9,7 @@ metric: head sets are applied as weights [B, L, H] before the anti-diagonal read
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -40,7 +40,6 @@ class RhythmResult:
     entropy: Tensor | None = None
     receiver_heads: list | None = None
     positions: Tensor | None = None
-    extra: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.waad.shape[0] if self.waad.dim() == 2 else 1
@@ -55,8 +54,7 @@ class RhythmResult:
             waad=cut(self.waad), fai=cut(self.fai), delta=cut(self.delta), mask=cut(self.mask),
             head_distance=self.head_distance[i], local_heads=self.local_heads[i],
             global_heads=self.global_heads[i], layers=self.layers, fai_receiver=cut(self.fai_receiver),
-            entropy=cut(self.entropy), receiver_heads=self.receiver_heads, positions=cut(self.positions),
-            extra={k: v[i] for k, v in self.extra.items()})
+            entropy=cut(self.entropy), receiver_heads=self.receiver_heads, positions=cut(self.positions))
 
 
 def response_positions(response_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -115,10 +113,6 @@ def _weighted(x: Tensor, weights: Tensor) -> Tensor:
     return (x * w.view(*w.shape, *([1] * (x.dim() - 3)))).sum((1, 2))
 
 
-def _gather(x: Tensor, positions: Tensor) -> Tensor:
-    return x.gather(-1, positions)
-
-
 def fai_series(stats: AttentionStats, weights: Tensor, positions: Tensor, mask: Tensor,
                horizon: tuple[int, int | None]) -> Tensor:
     """FAI of response tokens over the heads weighted by ``weights`` [B, L, H]: [B, T], NaN
@@ -128,14 +122,14 @@ def fai_series(stats: AttentionStats, weights: Tensor, positions: Tensor, mask: 
     sums, counts = future_column_sums(band[:, None], col[:, None], stats.valid, *horizon)
     fai = sums[:, 0] / counts.clamp(min=1)
     fai = torch.where(counts > 0, fai, torch.full_like(fai, math.nan))
-    out = _gather(fai, positions)
+    out = fai.gather(-1, positions)
     return torch.where(mask, out, torch.full_like(out, math.nan))
 
 
 def waad_series(stats: AttentionStats, weights: Tensor, positions: Tensor, mask: Tensor, window: int) -> Tensor:
     """WAAD of response tokens over the heads weighted by ``weights`` [B, L, H]: [B, T]."""
     waad = capped_distance(_weighted(stats.band, weights), window)
-    return _gather(waad, positions) * mask
+    return waad.gather(-1, positions) * mask
 
 
 def waad_delta(waad: Tensor, mask: Tensor) -> Tensor:
@@ -204,7 +198,7 @@ def rhythm_from_stats(stats: AttentionStats, response_mask: Tensor, config: Rhyt
         positions=positions,
     )
     if stats.entropy is not None:
-        result.entropy = torch.where(mask, _gather(stats.entropy, positions), torch.zeros_like(waad))
+        result.entropy = torch.where(mask, stats.entropy.gather(-1, positions), torch.zeros_like(waad))
     if receiver_heads is not None:
         if not isinstance(receiver_heads, Tensor):
             receiver_heads = heads_to_mask(receiver_heads, n_layers, n_heads)

@@ -272,11 +272,10 @@ def _no_nan(x):
 # ---------------------------------------------------------------- command line
 
 def configure_parser(p) -> None:
+    from .cli import add_problem_arguments
+
     p.add_argument("--out", required=True, help="output folder (perturbation.json, perturbations.jsonl, .html)")
-    p.add_argument("--model", default="smollm2-135m", help="embedded name, local folder or hub id")
-    p.add_argument("--data", default="gsm8k", help="gsm8k, champ, a .jsonl file or a hub dataset id")
-    p.add_argument("--n", type=int, default=70, help="number of problems (paper: 70)")
-    p.add_argument("--seed", type=int, default=0, help="problem sample and bootstrap seed")
+    add_problem_arguments(p)
     p.add_argument("--k", type=int, default=3, help="top-k and bottom-k FAI positions per problem")
     p.add_argument("--alternatives", type=int, default=3, help="forced alternatives per position")
     p.add_argument("--max-new-tokens", type=int, default=256, help="token budget of every response")

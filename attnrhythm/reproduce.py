@@ -314,11 +314,10 @@ def render_markdown(meta: dict, rows: list[dict], table2: dict, table1: dict, ra
 # ---------------------------------------------------------------- command line
 
 def configure_parser(p) -> None:
+    from .cli import add_problem_arguments
+
     p.add_argument("--out", default="runs/reproduce", help="output folder, shared with analyze and perturb")
-    p.add_argument("--model", default="smollm2-135m", help="embedded name, local folder or hub id")
-    p.add_argument("--data", default="gsm8k", help="gsm8k, champ, a .jsonl file or a hub dataset id")
-    p.add_argument("--n", type=int, default=70, help="problems (paper: 70), sampled with --seed")
-    p.add_argument("--seed", type=int, default=0, help="problem sample, sampling and bootstrap seed")
+    add_problem_arguments(p)
     p.add_argument("--max-new-tokens", type=int, default=256, help="token budget of analysis and perturbation")
     p.add_argument("--temperature", type=float, default=0.7, help="analysis sampling temperature (paper: 0.7)")
     p.add_argument("--prompt", choices=("auto", "chat", "paper"), default="auto")

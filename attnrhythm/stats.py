@@ -41,19 +41,6 @@ class AttentionStats:
     def band_width(self) -> int:
         return self.band.shape[-1]
 
-    def to(self, device) -> "AttentionStats":
-        move = lambda x: None if x is None else x.to(device)  # noqa: E731
-        return AttentionStats(self.layers, move(self.row_distance), move(self.band), move(self.col_sum),
-                              move(self.valid), move(self.entropy))
-
-    def select(self, index) -> "AttentionStats":
-        """The statistics of a subset of the batch (index: int, slice or tensor)."""
-        if isinstance(index, int):
-            index = slice(index, index + 1)
-        pick = lambda x: None if x is None else x[index]  # noqa: E731
-        return AttentionStats(self.layers, pick(self.row_distance), pick(self.band), pick(self.col_sum),
-                              pick(self.valid), pick(self.entropy))
-
 
 def empty_stats(layers: list[int], batch: int, heads: int, length: int, band_width: int,
                 valid: Tensor, device=None, dtype=torch.float32) -> AttentionStats:
