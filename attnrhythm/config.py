@@ -6,7 +6,7 @@ project's documented choices where the paper is silent.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal, Sequence
 
 LayerSpec = str | Sequence[int]

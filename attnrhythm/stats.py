@@ -41,6 +41,11 @@ class AttentionStats:
     def band_width(self) -> int:
         return self.band.shape[-1]
 
+    def to(self, device) -> "AttentionStats":
+        move = lambda x: None if x is None else x.to(device)  # noqa: E731
+        return AttentionStats(self.layers, move(self.row_distance), move(self.band), move(self.col_sum),
+                              move(self.valid), move(self.entropy))
+
 
 def empty_stats(layers: list[int], batch: int, heads: int, length: int, band_width: int,
                 valid: Tensor, device=None, dtype=torch.float32) -> AttentionStats:
