@@ -1,9 +1,9 @@
 """attnrhythm: the preplan-and-anchor rhythm of LLM reasoning, visible and trainable."""
-from .capture import attention_maps, capture_statistics
-from .config import RhythmConfig, select_layers
-from .heads import HeadSets, classify_heads
-from .metrics import RhythmResult, calibrate_heads, receiver_kurtosis, rhythm_from_attentions, rhythm_from_stats
-from .stats import AttentionStats
+from attnrhythm.capture import attention_maps, capture_statistics
+from attnrhythm.core.config import RhythmConfig, select_layers
+from attnrhythm.core.heads import HeadSets, classify_heads
+from attnrhythm.core.metrics import RhythmResult, calibrate_heads, receiver_kurtosis, rhythm_from_attentions, rhythm_from_stats
+from attnrhythm.core.stats import AttentionStats
 
 __version__ = "0.1.0"
 
@@ -17,6 +17,6 @@ __all__ = [
 def __getattr__(name):
     # credit lives in its own module; imported lazily so `import attnrhythm` stays light
     if name in ("credit_gamma",):
-        from . import credit
+        from attnrhythm.core import credit
         return getattr(credit, name)
     raise AttributeError(f"module 'attnrhythm' has no attribute {name!r}")

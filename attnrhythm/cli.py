@@ -9,12 +9,12 @@ import importlib
 import sys
 
 COMMANDS = {
-    "analyze": ("attnrhythm.analysis", "generate responses, capture attention, write metrics, couplings, figures and a report"),
-    "perturb": ("attnrhythm.perturb", "the perturbation study (paper Table 1)"),
-    "reproduce": ("attnrhythm.reproduce", "every analysis table of the paper on one model and data set"),
+    "analyze": ("attnrhythm.studies.analyze", "generate responses, capture attention, write metrics, couplings, figures and a report"),
+    "perturb": ("attnrhythm.studies.perturb", "the perturbation study (paper Table 1)"),
+    "reproduce": ("attnrhythm.studies.reproduce", "every analysis table of the paper on one model and data set"),
     "train": ("attnrhythm.train.run", "GRPO with rhythm credit on TRL"),
     "eval": ("attnrhythm.train.evaluate", "pass@1 and avg@k of a model on a task"),
-    "plot": ("attnrhythm.plot", "training and evaluation curves of several runs"),
+    "plot": ("attnrhythm.train.plot", "training and evaluation curves of several runs"),
 }
 
 

@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from attnrhythm import analysis
-from attnrhythm.analysis import (ANALYSIS_CONFIG, AnalyzeSettings, calibrate_receivers, capture_records,
+from attnrhythm.studies import analyze as analysis
+from attnrhythm.studies.analyze import (ANALYSIS_CONFIG, AnalyzeSettings, calibrate_receivers, capture_records,
                                  run_analysis)
 from attnrhythm.capture import capture_statistics
 from attnrhythm.cli import main
-from attnrhythm.couplings import COUPLINGS
+from attnrhythm.core.couplings import COUPLINGS
 from attnrhythm.data import Problem
 from attnrhythm.generation import Sampled
-from attnrhythm.heads import heads_to_mask
-from attnrhythm.metrics import rhythm_from_stats
+from attnrhythm.core.heads import heads_to_mask
+from attnrhythm.core.metrics import rhythm_from_stats
 
 PROBLEMS = [Problem("p1", "Tom has 3 apples. He buys 2 more. How many apples does he have?", "#### 5", "5"),
             Problem("p2", "What is 2+2?", "#### 4", "4"),

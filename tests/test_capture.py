@@ -9,9 +9,9 @@ import torch
 
 from attnrhythm import capture
 from attnrhythm.capture import capture_statistics
-from attnrhythm.config import ANALYSIS_HORIZON, RhythmConfig
-from attnrhythm.couplings import find_peaks
-from attnrhythm.metrics import receiver_kurtosis, rhythm_from_stats
+from attnrhythm.core.config import ANALYSIS_HORIZON, RhythmConfig
+from attnrhythm.core.couplings import find_peaks
+from attnrhythm.core.metrics import receiver_kurtosis, rhythm_from_stats
 
 from conftest import TINY_MODELS, tiny_qwen3, tiny_qwen3_sliding
 
@@ -207,7 +207,7 @@ def test_model_without_attention_cannot_be_captured():
 
 def test_eager_refuses_maps_that_do_not_fit(tiny_models, monkeypatch):
     model = tiny_models["llama"]
-    monkeypatch.setattr(capture, "_available_bytes", lambda device: 1000)
+    monkeypatch.setattr(capture.eager, "available_bytes", lambda device: 1000)
     with pytest.raises(MemoryError, match="streaming"):
         capture_statistics(model, torch.randint(3, 259, (1, 40)), backend="eager")
 

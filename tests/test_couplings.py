@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from attnrhythm.config import RhythmConfig
-from attnrhythm.couplings import (PAPER_TABLE2, couplings_markdown, couplings_table, entropy_at_waad_peaks,
+from attnrhythm.core.config import RhythmConfig
+from attnrhythm.core.couplings import (PAPER_TABLE2, couplings_markdown, couplings_table, entropy_at_waad_peaks,
                                   fai_follows_waad, fai_follows_waad_shuffled_mc, find_peaks,
                                   receiver_global_cooccurrence, response_couplings)
 

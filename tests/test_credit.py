@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from attnrhythm.config import RhythmConfig
-from attnrhythm.credit import (apply_sign, coupled_gamma, coupled_sets, credit_gamma, entropy_gamma,
+from attnrhythm.core.config import RhythmConfig
+from attnrhythm.core.credit import (apply_sign, coupled_gamma, coupled_sets, credit_gamma, entropy_gamma,
                                gamma_statistics, global_anchor_gamma, high_entropy_selection_mask,
                                local_chunk_gamma, masked_median, random_gamma, top_q_mask)
 

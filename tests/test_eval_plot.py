@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-from attnrhythm.plot import plot_runs, running_peak
+from attnrhythm.train.plot import plot_runs, running_peak
 from attnrhythm.tasks import Task, get_task, score_countdown
-from attnrhythm.tasks.countdown import _split_of
+from attnrhythm.tasks.countdown import split_of
 from attnrhythm.train.evaluate import evaluate, summarize
 from attnrhythm.train.sft import solution_completion, sft_examples, sft_loss, warm_start
 
@@ -149,7 +149,7 @@ def test_warm_start_targets_score_full_credit():
 
 def test_warm_start_refuses_test_split(smol_tokenizer):
     rows = get_task("countdown-easy").load("test", 2, 0)
-    assert all(_split_of(r["numbers"], r["target"]) == "test" for r in rows)
+    assert all(split_of(r["numbers"], r["target"]) == "test" for r in rows)
     with pytest.raises(ValueError, match="test-split"):
         sft_examples(rows, smol_tokenizer)
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 from scipy.stats import kurtosis as scipy_kurtosis
 
-from attnrhythm.config import ANALYSIS_HORIZON, RhythmConfig
-from attnrhythm.couplings import find_peaks
-from attnrhythm.heads import classify_heads, heads_to_mask, kurtosis, select_receiver_heads
-from attnrhythm.metrics import (receiver_kurtosis, receiver_vertical_scores, response_positions, rhythm_from_attentions,
+from attnrhythm.core.config import ANALYSIS_HORIZON, RhythmConfig
+from attnrhythm.core.couplings import find_peaks
+from attnrhythm.core.heads import classify_heads, heads_to_mask, kurtosis, select_receiver_heads
+from attnrhythm.core.metrics import (receiver_kurtosis, receiver_vertical_scores, response_positions, rhythm_from_attentions,
                                 rhythm_from_stats)
-from attnrhythm.stats import accumulate_rows, empty_stats
+from attnrhythm.core.stats import accumulate_rows, empty_stats
 
 HORIZONS = [(10, 100), ANALYSIS_HORIZON, (2, 5)]
 

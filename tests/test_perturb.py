@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from attnrhythm import perturb
+from attnrhythm.studies import perturb
 from attnrhythm.greedy import greedy_responses, strip_stop
-from attnrhythm.perturb import alternatives, perturb_response, select_positions, summarize
-from attnrhythm.textstats import bootstrap_ci, content_jaccard, content_words, jaccard, word_tokens
+from attnrhythm.studies.perturb import alternatives, perturb_response, select_positions, summarize
+from attnrhythm.core.textstats import bootstrap_ci, content_jaccard, content_words, jaccard, word_tokens
 
 NAN = math.nan
 

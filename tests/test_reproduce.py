@@ -5,9 +5,9 @@ import math
 
 import pytest
 
-from attnrhythm import reproduce
-from attnrhythm.couplings import COUPLINGS, PAPER_TABLE2
-from attnrhythm.reproduce import MIN_PROBLEMS, claims, render_markdown, verdict, write_figures
+from attnrhythm.studies import reproduce
+from attnrhythm.core.couplings import COUPLINGS, PAPER_TABLE2
+from attnrhythm.studies.reproduce import MIN_PROBLEMS, claims, render_markdown, verdict, write_figures
 
 N = MIN_PROBLEMS  # enough problems for a verdict
 
@@ -97,9 +97,9 @@ def test_reproduce_end_to_end_then_reuse(tmp_path, monkeypatch, smollm2):
     def refuse(*args, **kwargs):
         raise AssertionError("reproduce generated or loaded a model again")
     monkeypatch.setattr("attnrhythm.models.load_model", refuse)
-    monkeypatch.setattr("attnrhythm.analysis.sample_responses", refuse)
-    monkeypatch.setattr("attnrhythm.perturb.greedy_responses", refuse)
-    monkeypatch.setattr("attnrhythm.analysis.capture_records", refuse)
+    monkeypatch.setattr("attnrhythm.studies.analyze.sample_responses", refuse)
+    monkeypatch.setattr("attnrhythm.studies.perturb.greedy_responses", refuse)
+    monkeypatch.setattr("attnrhythm.studies.analyze.capture_records", refuse)
     before = (out / "metrics.jsonl").read_text(), (out / "perturbations.jsonl").read_text()
     assert cli.main(argv) == 0
     assert before == ((out / "metrics.jsonl").read_text(), (out / "perturbations.jsonl").read_text())

@@ -15,9 +15,9 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from attnrhythm.capture import capture_statistics  # noqa: E402
-from attnrhythm.config import RhythmConfig  # noqa: E402
-from attnrhythm.credit import credit_gamma  # noqa: E402
-from attnrhythm.metrics import calibrate_heads, rhythm_from_stats  # noqa: E402
+from attnrhythm.core.config import RhythmConfig  # noqa: E402
+from attnrhythm.core.credit import credit_gamma  # noqa: E402
+from attnrhythm.core.metrics import calibrate_heads, rhythm_from_stats  # noqa: E402
 from attnrhythm.models import embedded_model_dir, load_model  # noqa: E402
 from attnrhythm.train.trainer import CreditConfig, RhythmGRPOTrainer, truncate_metrics  # noqa: E402
 

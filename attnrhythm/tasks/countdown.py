@@ -45,7 +45,7 @@ class CountdownInstance:
     target: int
 
 
-def _split_of(numbers: Sequence[int], target: int) -> str:
+def split_of(numbers: Sequence[int], target: int) -> str:
     """'test' or 'train', a pure function of the instance (order of numbers ignored).
 
     Hashing the canonical instance keeps the splits disjoint whatever seeds or sizes are used.
@@ -89,7 +89,7 @@ def generate_countdown(
     Numbers are drawn uniformly from ``min_number..max_number`` (TinyZero: 1..99); the count is
     drawn from ``n_numbers`` when it is a tuple.  The target is the result of a random
     combination (:func:`_random_target`), kept when it lies in ``target_range`` (inclusive).
-    An instance belongs to the split its hash decides (:func:`_split_of`), so train and test
+    An instance belongs to the split its hash decides (:func:`split_of`), so train and test
     never share an instance.  Raises ValueError when the space is too small to give ``n``.
     """
     if split not in ("train", "test"):
@@ -107,7 +107,7 @@ def generate_countdown(
         if target is None or not lo <= target <= hi:
             continue
         key = (tuple(sorted(numbers)), target)
-        if key in seen or _split_of(numbers, target) != split:
+        if key in seen or split_of(numbers, target) != split:
             continue
         seen.add(key)
         out.append(CountdownInstance(tuple(numbers), target))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 
 import yaml
 
-from attnrhythm.config import RhythmConfig
+from attnrhythm.core.config import RhythmConfig
 
 CREDITS = ("none", "random", "entropy", "local", "global", "coupled", "high-entropy-selection")
 _RHYTHM_FIELDS = {f.name for f in fields(RhythmConfig)}

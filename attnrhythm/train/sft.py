@@ -71,9 +71,9 @@ def solution_completion(numbers, target: int) -> str | None:
 def _check_train_split(row: dict) -> None:
     # the split is a pure function of the instance (a hash); re-derive it so a test instance can
     # never leak into the warm start, whatever the caller passed
-    from attnrhythm.tasks.countdown import _split_of
+    from attnrhythm.tasks.countdown import split_of
 
-    if _split_of(row["numbers"], row["target"]) != "train":
+    if split_of(row["numbers"], row["target"]) != "train":
         raise ValueError(f"warm start got a test-split instance {row['numbers']} -> {row['target']}")
 
 

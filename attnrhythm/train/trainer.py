@@ -30,10 +30,10 @@ from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
 
 from attnrhythm.capture import capture_statistics
-from attnrhythm.config import RhythmConfig
-from attnrhythm.credit import STRATEGIES, apply_sign, coupled_sets, credit_gamma, high_entropy_selection_mask
-from attnrhythm.heads import HeadSets, classify_heads, head_distance
-from attnrhythm.metrics import rhythm_from_stats
+from attnrhythm.core.config import RhythmConfig
+from attnrhythm.core.credit import STRATEGIES, apply_sign, coupled_sets, credit_gamma, high_entropy_selection_mask
+from attnrhythm.core.heads import HeadSets, classify_heads, head_distance
+from attnrhythm.core.metrics import rhythm_from_stats
 
 CREDITS = STRATEGIES + ("high-entropy-selection",)
 RHYTHM_STATE = "rhythm_state.json"

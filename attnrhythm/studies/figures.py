@@ -1,0 +1,137 @@
+"""Figures of one response (METHOD.md section 5), as PNG files.
+
+* ``attention_maps.png``: the aggregated local-head and global-head maps (Abar_loc, Abar_glob)
+  of the response rows and columns, from eager ``attention_maps``: a sawtooth of short chunks
+  near the diagonal vs vertical stripes under anchor tokens.
+* ``rhythm_curves.png``: the per-token curves of WAAD, FAI (global heads and receiver heads) and
+  entropy, with their peaks (``couplings.find_peaks``), as the paper's Figure 2.
+
+Matplotlib runs on the Agg backend (no display needed).
+"""
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attnrhythm.capture import available_bytes, attention_maps, model_layer_count
+from attnrhythm.core.config import RhythmConfig
+from attnrhythm.core.couplings import find_peaks
+
+
+MIN_FIGURE_TOKENS = 32
+"""A complete response shorter than this shows too little rhythm to be the default figure."""
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def choose_figure_record(records: list[dict], problem_id: str | None = None) -> dict | None:
+    """The record with ``problem_id``, else the longest complete response (ended by EOS) of at
+    least ``MIN_FIGURE_TOKENS`` tokens, else the longest; None when every response is empty."""
+    if problem_id is not None:
+        match = [r for r in records if r["id"] == problem_id]
+        if not match:
+            raise ValueError(f"--figure-response {problem_id!r} is not a problem of this run")
+        return match[0]
+    live = [r for r in records if r["response_token_ids"]]
+    if not live:
+        return None
+    complete = [r for r in live if r.get("finish_reason") == "eos"
+                and len(r["response_token_ids"]) >= MIN_FIGURE_TOKENS] or live
+    return max(complete, key=lambda r: len(r["response_token_ids"]))
+
+
+def aggregate_maps(maps: torch.Tensor, layers: list[int], heads: list[list[int]]) -> torch.Tensor:
+    """Mean map over ``heads`` ([model layer, head] pairs).  maps: [len(layers), H, N, N] -> [N, N]."""
+    slots = [layers.index(layer) for layer, _ in heads]
+    return maps[slots, [h for _, h in heads]].mean(0)
+
+
+def attention_maps_png(local: np.ndarray, global_: np.ndarray, title: str = "") -> bytes:
+    """Two heat maps side by side.  local, global_: [T, T] response-by-response maps."""
+    from matplotlib.colors import PowerNorm
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.4), layout="constrained")
+    for ax, data, name in zip(axes, (local, global_), ("local heads (Abar_loc)", "global heads (Abar_glob)")):
+        # a power norm keeps faint stripes visible next to the bright diagonal
+        top = float(np.quantile(data[data > 0], 0.995)) if (data > 0).any() else 1.0
+        image = ax.imshow(data, cmap="magma", norm=PowerNorm(0.4, vmin=0, vmax=max(top, 1e-9)), interpolation="nearest")
+        ax.set_title(name)
+        ax.set_xlabel("key position s (response token)")
+        ax.set_ylabel("query position t (response token)")
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.suptitle(title)
+    return _png(fig)
+
+
+def rhythm_curves_png(record: dict, config: RhythmConfig = RhythmConfig(), title: str = "") -> bytes:
+    """WAAD, FAI (global and receiver heads) and entropy of one record, peaks marked."""
+    plt = _pyplot()
+    series = {key: np.array([math.nan if v is None else v for v in record.get(key) or []], dtype=float)
+              for key in ("waad", "fai", "fai_receiver", "entropy")}
+    # receiver-head FAI gets its own panel: its scale is often several times the global one
+    panels = [("WAAD", ["waad"]), ("FAI", ["fai"]), ("FAI", ["fai_receiver"]), ("entropy", ["entropy"])]
+    labels = {"waad": "WAAD, local heads", "fai": "FAI, global heads", "fai_receiver": "FAI, receiver heads",
+              "entropy": "entropy"}
+    colours = {"waad": "tab:blue", "fai": "tab:red", "fai_receiver": "tab:purple", "entropy": "tab:green"}
+    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 9), sharex=True, layout="constrained")
+    for ax, (name, keys) in zip(axes, panels):
+        for key in keys:
+            y = series[key]
+            if y.size == 0 or np.isnan(y).all():
+                continue
+            x = np.arange(y.size)
+            ax.plot(x, y, lw=1, color=colours[key], label=labels[key])
+            peaks = find_peaks(torch.from_numpy(y), None, config.peak_q).numpy()
+            ax.plot(x[peaks], y[peaks], "o", ms=3, color=colours[key])
+        ax.set_ylabel(name)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="upper right", fontsize=8)
+    axes[-1].set_xlabel("response token")
+    fig.suptitle(title or "per-token rhythm (dots: peaks)")
+    return _png(fig)
+
+
+def write_figures(model, record: dict, folder, config: RhythmConfig = RhythmConfig()) -> dict:
+    """Write both figures of ``record`` into ``folder``; returns {name: file name}, and
+    ``skipped`` with the reason when matplotlib is missing or the eager maps would not fit."""
+    import importlib.util
+    if importlib.util.find_spec("matplotlib") is None:
+        return {"skipped": "figures: matplotlib is not installed (pip install matplotlib)"}
+    from attnrhythm.studies.report import atomic_write_bytes
+
+    folder = Path(folder)
+
+    title = f"problem {record['id']}: {len(record['response_token_ids'])} response tokens"
+    out = {}
+    atomic_write_bytes(folder / "rhythm_curves.png", rhythm_curves_png(record, config, title))
+    out["rhythm_curves"] = "figures/rhythm_curves.png"
+    ids = record["prompt_token_ids"] + record["response_token_ids"]
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    need = model_layer_count(model) * text_config.num_attention_heads * len(ids) ** 2 * 4
+    device = next(model.parameters()).device
+    if need > 0.5 * available_bytes(device):
+        out["skipped"] = f"attention maps: {need / 2**30:.1f} GiB of eager maps would not fit in memory"
+        return out
+    start = len(record["prompt_token_ids"])
+    maps = attention_maps(model, torch.tensor(ids, device=device), record["layers"]).cpu()
+    local = aggregate_maps(maps, record["layers"], record["local_heads"])[start:, start:].numpy()
+    global_ = aggregate_maps(maps, record["layers"], record["global_heads"])[start:, start:].numpy()
+    atomic_write_bytes(folder / "attention_maps.png", attention_maps_png(local, global_, title))
+    out["attention_maps"] = "figures/attention_maps.png"
+    return out
