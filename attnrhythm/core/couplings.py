@@ -1,4 +1,4 @@
-"""Couplings between the attention rhythm and token entropy (METHOD.md section 5, Table 2).
+"""Couplings between the attention rhythm and token entropy (docs/method.md section 5, Table 2).
 
 Per-response statistics are batched: series are ``[B, T]`` with a bool ``mask`` (or ``[T]``,
 ``mask=None``), one row per problem, and every statistic returns ``(observed [B], random [B])``
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import RhythmConfig
-from .credit import defined_positions, top_q_mask
+from attnrhythm.core.config import RhythmConfig
+from attnrhythm.core.topq import defined_positions, top_q_mask
 
 COUPLINGS = ("entropy_at_waad_peaks", "receiver_global_cooccurrence", "fai_follows_waad")
 
@@ -45,7 +45,7 @@ def find_peaks(series: Tensor, mask: Tensor | None = None, q: float = 0.4) -> Te
     """Peaks of a per-token series.
 
     A defined position t (real token, non-NaN) is a peak when ``x[t] > x[t-1]``,
-    ``x[t] >= x[t+1]`` and t is in ``TopQ(x, q)`` (``credit.top_q_mask``: ceil(q n) of the n
+    ``x[t] >= x[t+1]`` and t is in ``TopQ(x, q)`` (``topq.top_q_mask``: ceil(q n) of the n
     defined values, ties to the earlier position).  A missing neighbour -- before the first token,
     after the last real one, padding, or NaN -- imposes no condition: the first token is compared
     to its right neighbour only, the last defined one to its left neighbour only.

@@ -1,4 +1,4 @@
-"""Token credit for RL: the gamma coefficients of METHOD.md section 4 and the baselines.
+"""Token credit for RL: the gamma coefficients of docs/method.md section 4 and the baselines.
 
 Pure, batched functions: no model, no I/O.  Per-token series are ``[B, T]`` tensors of
 response tokens (left-aligned, position j = j-th response token) with a bool ``mask``
@@ -13,55 +13,16 @@ is valid).  Every gamma returned here is detached, float, and exactly 1.0 on pad
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import RhythmConfig
-
-STRATEGIES = ("none", "random", "entropy", "local", "global", "coupled")
-SELECTIONS = ("top", "bottom")
-_CEIL_EPS = 1e-9  # q * n = 7.000000000000001 for q=0.07, n=100 must still select 7 tokens
-
-
-def defined_positions(score: Tensor, mask: Tensor | None) -> Tensor:
-    """Positions that are real tokens and carry a defined (non-NaN) score."""
-    defined = ~torch.isnan(score) if score.is_floating_point() else torch.ones_like(score, dtype=torch.bool)
-    return defined if mask is None else defined & mask.to(torch.bool)
-
-
-def top_q_count(n: Tensor, q: float) -> Tensor:
-    """ceil(q * n) as int64, robust to float round-off (``n``: any shape of counts)."""
-    return torch.ceil(q * n.to(torch.float64) - _CEIL_EPS).clamp(min=0).to(torch.int64)
-
-
-def top_q_mask(score: Tensor, mask: Tensor | None, q: float, selection: str = "top") -> Tensor:
-    """TopQ(score, q) of METHOD.md section 4.
-
-    Args:
-        score: ``[B, T]`` or ``[T]`` float; NaN = undefined (never selected).
-        mask: bool, same shape, True on real tokens; ``None`` = all real.
-        q: share in (0, 1]; each row selects ``ceil(q * n)`` tokens, n = its valid tokens
-            with a defined score.
-        selection: ``"top"`` (largest scores) or ``"bottom"`` (smallest, the ablation).
-
-    Returns:
-        bool, same shape as ``score``.  Ties are broken by the EARLIER position in both modes.
-    """
-    if selection not in SELECTIONS:
-        raise ValueError(f"selection must be 'top' or 'bottom', got {selection!r}")
-    if not 0 < q <= 1:
-        raise ValueError(f"q must be in (0, 1], got {q}")
-    valid = defined_positions(score, mask)
-    filled = torch.where(valid, score, torch.zeros_like(score))  # placeholder value, filtered below
-    # a stable sort keeps equal scores in position order, so the earlier position ranks first
-    order = torch.sort(filled, dim=-1, descending=selection == "top", stable=True).indices
-    valid_sorted = valid.gather(-1, order)
-    m = top_q_count(valid.sum(-1), q)
-    rank = valid_sorted.cumsum(-1)  # rank among valid tokens, 1-based
-    chosen_sorted = valid_sorted & (rank <= m.unsqueeze(-1))
-    return torch.zeros_like(valid).scatter(-1, order, chosen_sorted)
+from attnrhythm.core.config import RhythmConfig
+from attnrhythm.core.topq import SELECTIONS, defined_positions, top_q_count, top_q_mask  # noqa: F401 (re-exported)
+from attnrhythm.errors import unknown_name
 
 
 def _gamma_from_set(selected: Tensor, amp: float, dtype: torch.dtype) -> Tensor:
@@ -105,7 +66,7 @@ def masked_median(x: Tensor, valid: Tensor) -> Tensor:
 
 def coupled_sets(waad: Tensor, fai: Tensor, delta: Tensor, mask: Tensor | None, q: float = 0.4,
                  k: int = 3, selection: str = "top") -> dict[str, Tensor]:
-    """The sets behind coupled rhythm credit (METHOD.md section 4, strategy 3).
+    """The sets behind coupled rhythm credit (docs/method.md section 4, strategy 3).
 
     An anchor t in T_glob is dominated (t in D) when ``WAAD[t] <= tau_waad`` and
     ``max_{u in t-k..t-1} delta[u] >= tau_delta``; its intro token is the argmax of delta over
@@ -169,10 +130,14 @@ def coupled_gamma(waad: Tensor, fai: Tensor, delta: Tensor, mask: Tensor | None,
     Shapes as ``coupled_sets``; returns float gamma like ``waad`` (1.0 on padding).
     """
     s = coupled_sets(waad, fai, delta, mask, q, k, selection)
+    return coupled_gamma_from_sets(s, amp, alpha).to(waad.dtype if waad.is_floating_point() else torch.float32)
+
+
+def coupled_gamma_from_sets(s: dict[str, Tensor], amp: float = 1.5, alpha: float = 0.5) -> Tensor:
+    """The coupled gamma (float64) of the sets ``coupled_sets`` returned."""
     gain = amp - 1.0
-    gamma = (1.0 + gain * (s["anchor"] & ~s["dominated"]).double()
-             + (1 - alpha) * gain * s["dominated"].double() + alpha * gain * s["intro"].double())
-    return gamma.to(waad.dtype if waad.is_floating_point() else torch.float32)
+    return (1.0 + gain * (s["anchor"] & ~s["dominated"]).double()
+            + (1 - alpha) * gain * s["dominated"].double() + alpha * gain * s["intro"].double())
 
 
 def random_gamma(mask: Tensor, q: float = 0.4, amp: float = 1.5, generator: torch.Generator | None = None,
@@ -181,15 +146,109 @@ def random_gamma(mask: Tensor, q: float = 0.4, amp: float = 1.5, generator: torc
 
     ``generator=None`` draws from torch's global RNG (reproducible under ``torch.manual_seed``).
     """
+    return _gamma_from_set(random_set(mask, q, generator, selection), amp, torch.float32)
+
+
+def random_set(mask: Tensor, q: float = 0.4, generator: torch.Generator | None = None,
+               selection: str = "top") -> Tensor:
+    """TopQ over a uniform random score (the tokens random credit amplifies)."""
     device = generator.device if generator is not None else mask.device
     score = torch.rand(mask.shape, generator=generator, device=device, dtype=torch.float64).to(mask.device)
-    return _gamma_from_set(top_q_mask(score, mask, q, selection), amp, torch.float32)
+    return top_q_mask(score, mask, q, selection)
 
 
 def entropy_gamma(entropy: Tensor, mask: Tensor | None, q: float = 0.4, amp: float = 1.5,
                   selection: str = "top") -> Tensor:
     """High-entropy credit: ``gamma = 1 + (amp-1) [t in TopQ(H, q)]``.  Shapes as ``local_chunk_gamma``."""
     return _gamma_from_set(top_q_mask(entropy.detach(), mask, q, selection), amp, entropy.dtype)
+
+
+@dataclass(frozen=True)
+class CreditStrategy:
+    """One credit strategy of the registry ``CREDITS``.
+
+    ``select(r, mask, config, entropy, generator)`` returns (gamma, sets): float64 gamma like
+    ``r.waad`` (1 on padding) and the named bool token sets behind it (logged by the trainer as
+    ``rhythm/set_<name>``).  ``needs_entropy``: capture must compute token entropy.
+    ``keeps_batch_share``: the strategy keeps the policy gradient only on a batch-level selection
+    (``high_entropy_selection_mask``) instead of scaling advantages.
+    """
+
+    name: str
+    description: str
+    select: Callable
+    needs_entropy: bool = False
+    keeps_batch_share: bool = False
+
+
+def _entropy_of(r, entropy):
+    entropy = entropy if entropy is not None else getattr(r, "entropy", None)
+    if entropy is None:
+        raise ValueError("strategy 'entropy' needs token entropy: pass entropy=... or give r an .entropy")
+    return entropy
+
+
+def _scaled(name: str, score):
+    """A strategy that amplifies TopQ(score(r, entropy), q)."""
+    def select(r, mask, c, entropy, generator):
+        chosen = top_q_mask(score(r, entropy).detach(), mask, c.q, c.selection)
+        return _gamma_from_set(chosen, c.amp, torch.float64), {name: chosen}
+    return select
+
+
+def _none(r, mask, c, entropy, generator):
+    return torch.ones_like(mask, dtype=torch.float64), {}
+
+
+def _random(r, mask, c, entropy, generator):
+    chosen = random_set(mask, c.q, generator, c.selection)
+    return _gamma_from_set(chosen, c.amp, torch.float64), {"random": chosen}
+
+
+def _coupled(r, mask, c, entropy, generator):
+    sets = coupled_sets(r.waad, r.fai, r.delta, mask, c.q, c.k, c.selection)
+    names = ("local", "anchor", "dominated", "intro")
+    return coupled_gamma_from_sets(sets, c.amp, c.alpha), {n: sets[n] for n in names}
+
+
+_STRATEGIES = [
+    CreditStrategy("none", "plain GRPO: every token keeps its advantage", _none),
+    CreditStrategy("random", "a random q share of tokens gets gamma_amp (control)", _random),
+    CreditStrategy("entropy", "the q share of highest-entropy tokens gets gamma_amp (control)",
+                   _scaled("entropy", lambda r, e: _entropy_of(r, e)), needs_entropy=True),
+    CreditStrategy("local", "local-chunk credit: TopQ of |WAAD[t] - WAAD[t+1]| (preplan tokens)",
+                   _scaled("local", lambda r, e: r.delta)),
+    CreditStrategy("global", "global-anchor credit: TopQ of FAI (anchor tokens)", _scaled("global", lambda r, e: r.fai)),
+    CreditStrategy("coupled", "coupled rhythm credit: anchors dominated by a preplan token share their credit with it",
+                   _coupled),
+    CreditStrategy("high-entropy-selection", "Wang et al. 2025: only the top entropy share of the batch keeps its "
+                   "policy gradient", _none, needs_entropy=True, keeps_batch_share=True),
+]
+CREDITS: dict[str, CreditStrategy] = {s.name: s for s in _STRATEGIES}
+"""The registry: the only list of credit strategy names (train config, trainer and CLI read it).
+A new strategy is one ``CreditStrategy`` added here."""
+CREDIT_NAMES = tuple(CREDITS)
+STRATEGIES = tuple(n for n, s in CREDITS.items() if not s.keeps_batch_share)
+"""The strategies ``credit_gamma`` turns into a per-token gamma."""
+
+
+def get_credit(name: str) -> CreditStrategy:
+    """The registered strategy ``name`` (a UserError with the closest name otherwise)."""
+    if name not in CREDITS:
+        raise unknown_name("credit strategy", name, CREDIT_NAMES)
+    return CREDITS[name]
+
+
+def credit_sets(r, strategy: str, config: RhythmConfig, entropy: Tensor | None = None,
+                generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """(gamma, named token sets) of one strategy; arguments as ``credit_gamma``."""
+    mask = getattr(r, "mask", None)
+    if mask is None:
+        mask = torch.ones_like(r.waad, dtype=torch.bool)
+    with torch.no_grad():
+        gamma, sets = get_credit(strategy).select(r, mask, config, entropy, generator)
+    out_dtype = r.waad.dtype if r.waad.is_floating_point() else torch.float32
+    return gamma.to(out_dtype).detach(), sets
 
 
 def credit_gamma(r, strategy: str, config: RhythmConfig, entropy: Tensor | None = None,
@@ -199,7 +258,7 @@ def credit_gamma(r, strategy: str, config: RhythmConfig, entropy: Tensor | None 
     Args:
         r: any object with ``.waad``, ``.fai``, ``.delta`` (``[B, T]`` or ``[T]``) and optionally
             ``.mask`` (bool, None = all real) and ``.entropy``.
-        strategy: one of ``STRATEGIES``; ``"none"`` is plain GRPO (all ones).
+        strategy: a name of ``CREDITS``; ``"none"`` is plain GRPO (all ones).
         config: supplies ``q``, ``amp``, ``k``, ``alpha``, ``selection`` (``"bottom"`` turns every
             TopQ of the strategy into a bottom-q selection).
         entropy: token entropy like ``r.waad`` for ``"entropy"`` (falls back to ``r.entropy``).
@@ -207,31 +266,7 @@ def credit_gamma(r, strategy: str, config: RhythmConfig, entropy: Tensor | None 
     Returns:
         detached float gamma like ``r.waad``; exactly 1.0 on padding.
     """
-    waad = r.waad
-    mask = getattr(r, "mask", None)
-    if mask is None:
-        mask = torch.ones_like(waad, dtype=torch.bool)
-    q, amp, sel = config.q, config.amp, config.selection
-    with torch.no_grad():
-        if strategy == "none":
-            gamma = torch.ones_like(waad, dtype=torch.float32)
-        elif strategy == "random":
-            gamma = random_gamma(mask, q, amp, generator, sel)
-        elif strategy == "entropy":
-            entropy = entropy if entropy is not None else getattr(r, "entropy", None)
-            if entropy is None:
-                raise ValueError("strategy 'entropy' needs token entropy: pass entropy=... or give r an .entropy")
-            gamma = entropy_gamma(entropy, mask, q, amp, sel)
-        elif strategy == "local":
-            gamma = local_chunk_gamma(r.delta, mask, q, amp, sel)
-        elif strategy == "global":
-            gamma = global_anchor_gamma(r.fai, mask, q, amp, sel)
-        elif strategy == "coupled":
-            gamma = coupled_gamma(waad, r.fai, r.delta, mask, q, amp, config.k, config.alpha, sel)
-        else:
-            raise ValueError(f"unknown credit strategy {strategy!r}; expected one of {STRATEGIES}")
-    out_dtype = waad.dtype if waad.is_floating_point() else torch.float32
-    return gamma.to(out_dtype).detach()
+    return credit_sets(r, strategy, config, entropy, generator)[0]
 
 
 def apply_sign(advantages: Tensor, gamma: Tensor, sign: str = "both") -> Tensor:
@@ -276,6 +311,23 @@ def high_entropy_selection_mask(entropy: Tensor, mask: Tensor | None, share: flo
         raise ValueError(f"per must be 'batch' or 'response', got {per!r}")
     flat_mask = None if mask is None else mask.reshape(1, -1)
     return top_q_mask(entropy.detach().reshape(1, -1), flat_mask, share).reshape(entropy.shape)
+
+
+def gamma_sums(gamma: Tensor, mask: Tensor | None = None) -> dict[str, float]:
+    """Additive counts over real tokens (sum, n_tokens, n_amplified, n_reduced): what processes
+    add up before ``gamma_statistics_from_sums`` divides."""
+    valid = torch.ones_like(gamma, dtype=torch.bool) if mask is None else mask.to(torch.bool)
+    g = gamma.detach()[valid].to(torch.float64)
+    return dict(sum=g.sum().item(), n_tokens=float(g.numel()), n_amplified=(g > 1).sum().item(),
+                n_reduced=(g < 1).sum().item())
+
+
+def gamma_statistics_from_sums(sums: dict[str, float]) -> dict[str, float]:
+    """mean, share_amplified, share_reduced of (possibly summed) ``gamma_sums``; NaN without tokens."""
+    n = sums["n_tokens"]
+    if n == 0:
+        return dict(mean=math.nan, share_amplified=math.nan, share_reduced=math.nan)
+    return dict(mean=sums["sum"] / n, share_amplified=sums["n_amplified"] / n, share_reduced=sums["n_reduced"] / n)
 
 
 def gamma_statistics(gamma: Tensor, mask: Tensor | None = None) -> dict[str, float]:

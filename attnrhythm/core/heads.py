@@ -1,4 +1,4 @@
-"""Head groups: local vs global heads (METHOD.md section 2) and receiver heads.
+"""Head groups: local vs global heads (docs/method.md section 2) and receiver heads.
 
 Pure tensor functions over :class:`~attnrhythm.stats.AttentionStats` fields; no model, no I/O.
 Shapes: B sequences, L sampled layers, H query heads, N padded length, T response tokens.

@@ -1,4 +1,4 @@
-"""Token-level rhythm metrics from attention statistics (METHOD.md section 3).
+"""Token-level rhythm metrics from attention statistics (docs/method.md section 3).
 
 Pure, batched tensor functions.  Shapes: B sequences, L sampled layers, H query heads,
 N padded length, W band width, T response tokens (left-aligned, with a mask).
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .config import RhythmConfig
-from .heads import HeadSets, classify_heads, head_distance, heads_to_mask, kurtosis, mask_to_heads
-from .stats import AttentionStats, accumulate_rows, empty_stats
+from attnrhythm.core.config import RhythmConfig
+from attnrhythm.core.heads import HeadSets, classify_heads, head_distance, heads_to_mask, kurtosis, mask_to_heads
+from attnrhythm.core.stats import AttentionStats, accumulate_rows, empty_stats
 
 
 @dataclass
@@ -139,16 +139,35 @@ def waad_delta(waad: Tensor, mask: Tensor) -> Tensor:
     return delta * (mask & torch.nn.functional.pad(mask[:, 1:], (0, 1)))
 
 
-def receiver_vertical_scores(stats: AttentionStats, positions: Tensor, mask: Tensor, gap: int = 4) -> Tensor:
-    """Per-head vertical score of each response position: mean of A[t,s] over valid rows
-    t >= s + gap.  Returns [B, L, H, T], NaN where no such row exists."""
-    sums, counts = future_column_sums(stats.band, stats.col_sum, stats.valid, gap, None)
+def per_head_future_mean(stats: AttentionStats, positions: Tensor, mask: Tensor, lo: int, hi: int | None) -> Tensor:
+    """Per head, the mean of A[t, s] over valid rows t in s+lo .. s+hi (hi None: to the end) of
+    each response position s: [B, L, H, T], NaN where no such row exists or at padding."""
+    sums, counts = future_column_sums(stats.band, stats.col_sum, stats.valid, lo, hi)
     scores = sums / counts[:, None, None].clamp(min=1)
     scores = torch.where(counts[:, None, None] > 0, scores, torch.full_like(scores, math.nan))
     batch, n_layers, n_heads, _ = scores.shape
-    index = positions[:, None, None].expand(batch, n_layers, n_heads, -1)
-    out = scores.gather(-1, index)
+    out = scores.gather(-1, positions[:, None, None].expand(batch, n_layers, n_heads, -1))
     return torch.where(mask[:, None, None], out, torch.full_like(out, math.nan))
+
+
+def receiver_vertical_scores(stats: AttentionStats, positions: Tensor, mask: Tensor, gap: int = 4) -> Tensor:
+    """Per-head vertical score of each response position: mean of A[t,s] over valid rows
+    t >= s + gap.  Returns [B, L, H, T], NaN where no such row exists."""
+    return per_head_future_mean(stats, positions, mask, gap, None)
+
+
+def per_head_fai(stats: AttentionStats, positions: Tensor, mask: Tensor, horizon) -> Tensor:
+    """FAI of every single head: [B, L, H, T], NaN where T(s) is empty or at padding.  FAI is
+    linear in A with per-position counts shared by all heads, so the FAI of a head set's mean
+    map is the mean of these over the set (how the analysis forms ``fai_receiver`` after
+    calibrating the receiver heads on a whole run)."""
+    return per_head_future_mean(stats, positions, mask, *horizon)
+
+
+def fai_row_counts(stats: AttentionStats, positions: Tensor, mask: Tensor, horizon) -> Tensor:
+    """How many valid rows stand behind each response position's FAI: [B, T] int64 (0 at padding)."""
+    _, counts = future_column_sums(stats.band[:, :1, :1], stats.col_sum[:, :1, :1], stats.valid, *horizon)
+    return torch.where(mask, counts.gather(-1, positions), torch.zeros_like(positions))
 
 
 def receiver_kurtosis(stats: AttentionStats, response_mask: Tensor, gap: int = 4) -> Tensor:
@@ -158,11 +177,21 @@ def receiver_kurtosis(stats: AttentionStats, response_mask: Tensor, gap: int = 4
     return kurtosis(scores, mask[:, None, None])
 
 
-def calibrate_heads(stats: AttentionStats, response_mask: Tensor, config: RhythmConfig) -> HeadSets:
-    """Head sets for ``head_mode="fixed"``: classify the mean distance over a calibration batch."""
-    distance = torch.nanmean(head_distance(stats.row_distance, response_mask), dim=0)
+def calibration_distance(stats: AttentionStats, response_mask: Tensor) -> Tensor:
+    """Each head's mean distance over a calibration batch: [L, H] (0 where no response defines it).
+    Processes that calibrate together average these before ``heads_from_distance``."""
+    return torch.nan_to_num(torch.nanmean(head_distance(stats.row_distance, response_mask), dim=0), nan=0.0)
+
+
+def heads_from_distance(distance: Tensor, config: RhythmConfig) -> HeadSets:
+    """Local and global head sets of a [L, H] mean distance (on the CPU)."""
     local, global_ = classify_heads(distance, config.head_fraction)
     return HeadSets(local.cpu(), global_.cpu())
+
+
+def calibrate_heads(stats: AttentionStats, response_mask: Tensor, config: RhythmConfig) -> HeadSets:
+    """Head sets for ``head_mode="fixed"``: classify the mean distance over a calibration batch."""
+    return heads_from_distance(calibration_distance(stats, response_mask), config)
 
 
 def rhythm_from_stats(stats: AttentionStats, response_mask: Tensor, config: RhythmConfig | None = None, *,

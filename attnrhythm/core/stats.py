@@ -3,7 +3,7 @@
 Both capture backends reduce causal attention rows to the same three quantities per
 (sequence, sampled layer, query head):
 
-* ``row_distance[t] = sum_s A[t,s] * (t - s)``   -> head classification (METHOD.md section 2)
+* ``row_distance[t] = sum_s A[t,s] * (t - s)``   -> head classification (docs/method.md section 2)
 * ``band[t, o]     = A[t, t - o]`` for o < band_width -> WAAD (capped distance) and the FAI
   horizon, read along anti-diagonals
 * ``col_sum[s]     = sum_{t >= s, t valid} A[t, s]`` -> FAI to the end and receiver scores

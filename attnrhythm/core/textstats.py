@@ -1,4 +1,4 @@
-"""Text statistics of the perturbation study (METHOD.md section 5, Table 1).
+"""Text statistics of the perturbation study (docs/method.md section 5, Table 1).
 
 Content words: the lower-cased word and number tokens of a decoded text, minus English stop
 words (the maintained list of the ``stop-words`` package) and punctuation.  Numbers are always

@@ -1,12 +1,12 @@
 """`attnrhythm analyze`: sample responses to real problems, capture attention in one extra forward
-pass per batch of responses, and write the paper's analysis (METHOD.md sections 2, 3 and 5).
+pass per batch of responses, and write the paper's analysis (docs/method.md sections 2, 3 and 5).
 
 Pipeline (the Python API is what the CLI runs):
 
 1. :func:`analyze` yields one record per response: generation (``generation.py``), then
    ``capture_statistics`` + ``rhythm_from_stats`` over the batch (:func:`capture_records`).
 2. :func:`finalize` calibrates the receiver heads on **all responses of the run** (kurtosis of
-   the vertical scores averaged over them, METHOD.md section 2), fills ``fai_receiver``, and
+   the vertical scores averaged over them, docs/method.md section 2), fills ``fai_receiver``, and
    computes the Table 2 couplings.  Per-head FAI of this process's responses is kept in memory;
    responses reused by ``--resume`` are recaptured from their stored token ids.
 3. :func:`run_analysis` drives both with ``metrics.jsonl`` appended and flushed per response, then
@@ -17,7 +17,8 @@ Defaults: the FAI horizon is the paper appendix's analysis horizon (every later 
 
 ``metrics.jsonl``, one object per response: ``id question gold prompt_style prompt response
 correct finish_reason prompt_token_ids response_token_ids tokens layers``, per-token lists
-``waad delta fai fai_receiver entropy`` (null = undefined), ``local_heads global_heads
+``waad delta fai fai_receiver entropy`` (null = undefined), ``fai_rows`` (how many rows each FAI
+value averages: few near the end of a response), ``local_heads global_heads
 receiver_heads`` ([model layer, head]), ``head_distance receiver_kurtosis`` ([L][H], L = the
 sampled ``layers``) and ``couplings`` (this response's Table 2 statistics).  Undefined values:
 FAI is null where no later row exists (the last token; every token of a response shorter than
@@ -26,10 +27,8 @@ is left out of calibration and couplings.
 """
 from __future__ import annotations
 
-import json
 import math
-import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,66 +36,84 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from attnrhythm.capture import BACKENDS, capture_statistics, resolve_layers
-from attnrhythm.core.config import ANALYSIS_HORIZON, RhythmConfig
+from attnrhythm import generation, io, log
+from attnrhythm.capture import BACKENDS, capture_statistics, check_backend_memory, resolve_layers
+from attnrhythm.core.config import ANALYSIS_HORIZON, RhythmConfig, parse_horizon, parse_layers
 from attnrhythm.core.couplings import couplings_markdown, couplings_table, response_couplings
-from attnrhythm.data import Problem
-from attnrhythm.generation import (PROMPT_STYLES, batch_seed, check_prompt_fits, encode_prompt, prompt_text,
-                         resolve_prompt_style, sample_responses, token_strings)
 from attnrhythm.core.heads import mask_to_heads, select_receiver_heads
-from attnrhythm.core.metrics import future_column_sums, receiver_kurtosis, rhythm_from_stats
-from attnrhythm.studies.report import atomic_write_text, machine_info, read_jsonl, to_json, write_report
+from attnrhythm.core.metrics import fai_row_counts, per_head_fai, receiver_kurtosis, rhythm_from_stats
+from attnrhythm.data import Problem
+from attnrhythm.errors import UserError
+from attnrhythm.generation import (PROMPT_STYLES, check_prompt_fits, encode_prompt, problem_prompt, prompt_text,
+                                   resolve_prompt_style, row_seed, sample_responses, token_strings)
+from attnrhythm.studies.report import machine_info, write_report
 
+logger = log.get_logger(__name__)
 ANALYSIS_CONFIG = RhythmConfig(fai_horizon=ANALYSIS_HORIZON)
 OUTPUTS = ("metrics.jsonl", "run.json", "couplings.json", "couplings.md", "report.html",
            "figures/attention_maps.png", "figures/rhythm_curves.png")
+MIN_RELIABLE_PROBLEMS = 10
+"""Below this many problems the 95% bootstrap intervals are degenerate (a warning says so)."""
+
+
+def _opt(help_text: str, **meta):
+    return dict(metadata=dict(help=help_text, **meta))
 
 
 @dataclass
 class AnalyzeSettings:
-    """Run-level settings (stored in run.json; ``RhythmConfig`` holds the method's constants)."""
+    """Everything an `analyze` run needs (stored in run.json; ``config()`` gives its RhythmConfig)."""
 
-    model: str = "smollm2-135m"
-    data: str = "gsm8k"
-    n: int = 70
-    seed: int = 0
-    prompt: str = "auto"
-    max_new_tokens: int = 384
-    temperature: float = 0.7
-    batch_size: int = 8
-    backend: str = "streaming"
-    n_boot: int = 2000
-    figure_response: str | None = None
-    """Problem id of the response drawn in the figures (None: ``figures.choose_figure_record``)."""
+    model: str = field(default="smollm2-135m", **_opt("embedded name (smollm2-135m), local model folder or hub id"))
+    data: str = field(default="gsm8k", **_opt("gsm8k, champ, a .jsonl file (question, answer) or a hub dataset id"))
+    n: int = field(default=70, **_opt("problems, a seeded sample of the data (paper: 70)"))
+    seed: int = field(default=0, **_opt("seed of the problem sample, of sampling and of the bootstrap"))
+    prompt: str = field(default="auto", **_opt("auto: chat template for instruct models (SmolLM2), the paper's "
+                                               "plain prompt otherwise", choices=PROMPT_STYLES))
+    max_new_tokens: int = field(default=384, **_opt("tokens per response at most"))
+    temperature: float = field(default=0.7, **_opt("sampling temperature (paper: 0.7; 0 = greedy)"))
+    batch_size: int = field(default=8, **_opt("responses generated and captured together"))
+    backend: str = field(default="streaming", **_opt("streaming: statistics in blocks of rows, memory linear in "
+                                                     "the length; eager: HF output_attentions (the reference)",
+                                                     choices=BACKENDS))
+    n_boot: int = field(default=2000, **_opt("bootstrap resamples for the 95% intervals"))
+    figure_response: str | None = field(default=None, **_opt("problem id of the response drawn in the figures "
+                                                             "(none: the longest complete response)"))
+    out: str = field(default="runs/analyze", **_opt("output folder"))
+    layers: str = field(default="middle", **_opt("sampled layers: middle, bottom, top, all, or a comma list"))
+    fai_horizon: str = field(default="analysis", **_opt("FAI rows: analysis (every later token), rl (10,100), "
+                                                        "v1 (10,50) or LO,HI (LO, = to the end)"))
+    receiver_heads: int = field(default=RhythmConfig.n_receiver_heads, **_opt("receiver heads kept"))
+    device: str | None = field(default=None, **_opt("cuda, cpu, ... (none: cuda when available)"))
+    dtype: str = field(default="auto", **_opt("model dtype (auto: bfloat16 on a GPU, float32 on a CPU)",
+                                              choices=("auto", "float32", "bfloat16", "float16")))
+    resume: bool = field(default=False, **_opt("continue a partial run in --out, skipping finished problems"))
+    overwrite: bool = field(default=False, **_opt("replace an existing analysis in --out"))
+    progress: bool = field(default=True, **_opt("show a progress bar (one step per generated token)"))
 
     # settings that change what a response is: a resumed run must match them
     RESUME_KEYS = ("model", "data", "n", "seed", "prompt", "max_new_tokens", "temperature")
 
+    def config(self) -> RhythmConfig:
+        return ANALYSIS_CONFIG.replace(layers=parse_layers(self.layers), fai_horizon=parse_horizon(self.fai_horizon),
+                                       n_receiver_heads=self.receiver_heads)
 
-def _floats(x) -> list:
-    """A float series as JSON-ready list: NaN -> None; 9 significant digits round-trip float32."""
-    return [None if not math.isfinite(v) else float(f"{v:.9g}") for v in torch.as_tensor(x).double().tolist()]
-
-
-def _series(values, dtype=torch.float64) -> torch.Tensor:
-    return torch.tensor([math.nan if v is None else v for v in values], dtype=dtype)
-
-
-def per_head_fai(stats, positions: torch.Tensor, mask: torch.Tensor, horizon) -> torch.Tensor:
-    """FAI of every single head: [B, L, H, T], NaN where T(s) is empty or at padding.  FAI is
-    linear in A with per-position counts shared by all heads, so the FAI of a head set's mean
-    map is the mean of these over the set (how ``fai_receiver`` is formed after calibration)."""
-    sums, counts = future_column_sums(stats.band, stats.col_sum, stats.valid, *horizon)
-    fai = sums / counts[:, None, None].clamp(min=1)
-    fai = torch.where(counts[:, None, None] > 0, fai, torch.full_like(fai, math.nan))
-    batch, n_layers, n_heads, _ = fai.shape
-    out = fai.gather(-1, positions[:, None, None].expand(batch, n_layers, n_heads, -1))
-    return torch.where(mask[:, None, None], out, torch.full_like(out, math.nan))
+    def validate(self) -> None:
+        """Refuse what cannot give a result, warn about what gives an unreliable one; before
+        anything is loaded."""
+        if self.n < 1:
+            raise UserError(f"--n must be at least 1 (got {self.n}): there is nothing to analyse")
+        if self.batch_size < 1 or self.max_new_tokens < 1 or self.n_boot < 1:
+            raise UserError("--batch-size, --max-new-tokens and --n-boot must be at least 1")
+        if self.n < MIN_RELIABLE_PROBLEMS:
+            logger.warning(f"warning: with {self.n} problems (fewer than {MIN_RELIABLE_PROBLEMS}) the 95% intervals "
+                           "are unreliable and may be zero-width; use --n 70 as the paper does")
+        self.config()
 
 
 def _empty_metrics(layers: list[int]) -> dict:
     """An empty response: no series, no head sets (every metric is undefined)."""
-    return dict(layers=layers, waad=[], delta=[], fai=[], entropy=[], local_heads=[], global_heads=[],
+    return dict(layers=layers, waad=[], delta=[], fai=[], fai_rows=[], entropy=[], local_heads=[], global_heads=[],
                 head_distance=None, receiver_kurtosis=None, _head_fai=np.zeros((0, 0, 0), np.float32))
 
 
@@ -128,15 +145,17 @@ def capture_records(model, prompt_ids: list[list[int]], response_ids: list[list[
     result = rhythm_from_stats(stats, response_mask, config)
     kurt = receiver_kurtosis(stats, response_mask, config.receiver_gap)
     head_fai = per_head_fai(stats, result.positions, result.mask, config.fai_horizon)
+    rows_behind = fai_row_counts(stats, result.positions, result.mask, config.fai_horizon)
     for j, i in enumerate(live):
         r, n = result[j], len(response_ids[i])
         out[i] = dict(
-            layers=layers, waad=_floats(r.waad), delta=_floats(r.delta), fai=_floats(r.fai),
-            entropy=_floats(r.entropy),
+            layers=layers, waad=io.float_list(r.waad), delta=io.float_list(r.delta), fai=io.float_list(r.fai),
+            fai_rows=rows_behind[j, :n].tolist(),
+            entropy=io.float_list(r.entropy),
             local_heads=[[layers[s], h] for s, h in r.local_heads],
             global_heads=[[layers[s], h] for s, h in r.global_heads],
-            head_distance=[_floats(row) for row in r.head_distance],
-            receiver_kurtosis=[_floats(row) for row in kurt[j]],
+            head_distance=[io.float_list(row) for row in r.head_distance],
+            receiver_kurtosis=[io.float_list(row) for row in kurt[j]],
             _head_fai=head_fai[j, :, :, :n].numpy())
     return out
 
@@ -154,29 +173,35 @@ def analyze(model, tokenizer, problems: list[Problem], config: RhythmConfig = AN
             seed: int = 0, backend: str = "streaming", model_name: str = "", progress: bool = False):
     """Yield one record (a JSON-ready dict, plus the array ``_head_fai``) per problem, in order.
 
-    Every prompt is checked against the model's context before anything is generated; a
-    prompt that fills it raises ValueError.  Empty responses give records with empty series.
+    Every prompt is checked against the model's context, and the eager backend's memory against
+    the longest sequence, before anything is generated.  Each response is sampled from its own
+    generator (``generation.row_seed(seed, problem id)``): it depends on the seed and the problem,
+    not on the batch size.  Empty responses give records with empty series.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if batch_size < 1 or max_new_tokens < 1:
-        raise ValueError("batch_size and max_new_tokens must be >= 1")
+        raise UserError("batch_size and max_new_tokens must be >= 1")
     ids = [p.id for p in problems]
     if len(set(ids)) != len(ids):
-        raise ValueError("problem ids must be unique (resume and the report key responses by id)")
+        raise UserError("problem ids must be unique (resume and the report key responses by id)")
     style = resolve_prompt_style(prompt, tokenizer, model_name)
     resolve_layers(model, config)  # a bad layer spec fails before any generation
-    prompts = [prompt_text(p, tokenizer, style) for p in problems]
-    prompt_ids = [encode_prompt(tokenizer, t, style) for t in prompts]
+    prompts = [prompt_text(tokenizer, problem_prompt(p, style)) for p in problems]
+    prompt_ids = [encode_prompt(tokenizer, problem_prompt(p, style)) for p in problems]
     budgets = [check_prompt_fits(model, p, max_new_tokens, f"the prompt of problem {q.id!r}")
                for p, q in zip(prompt_ids, problems)]
-    bar = tqdm(total=len(problems), unit="response", desc="analyze", disable=not progress)
+    if problems:
+        check_backend_memory(model, backend, min(batch_size, len(problems)),
+                             max(len(p) + b for p, b in zip(prompt_ids, budgets)))
+    # one step per generated token; a response that stops early skips the rest of its budget
+    bar = tqdm(total=sum(budgets), unit="tok", desc="analyze", disable=not progress)
     try:
         for start in range(0, len(problems), batch_size):
             chunk = list(range(start, min(len(problems), start + batch_size)))
             sampled = sample_responses(model, tokenizer, [prompt_ids[i] for i in chunk],
-                                       max_new_tokens=min(budgets[i] for i in chunk), temperature=temperature,
-                                       seed=batch_seed(seed, [ids[i] for i in chunk]))
+                                       max_new_tokens=[budgets[i] for i in chunk], temperature=temperature,
+                                       seeds=[row_seed(seed, ids[i]) for i in chunk], on_tokens=bar.update)
+            bar.update(sum(budgets[i] for i in chunk) - sum(len(s.token_ids) + (s.finish_reason == "eos")
+                                                          for s in sampled))
             metrics = capture_records(model, [prompt_ids[i] for i in chunk], [s.token_ids for s in sampled],
                                       config, backend)
             for i, s, m in zip(chunk, sampled, metrics):
@@ -187,7 +212,6 @@ def analyze(model, tokenizer, problems: list[Problem], config: RhythmConfig = AN
                            prompt_token_ids=prompt_ids[i], response_token_ids=s.token_ids,
                            tokens=token_strings(tokenizer, s.token_ids), **m,
                            fai_receiver=None, receiver_heads=None)
-                bar.update(1)
     finally:
         bar.close()
 
@@ -199,7 +223,7 @@ def calibrate_receivers(records: list[dict], count: int) -> list[list[int]]:
     if not usable:
         return []
     layers = usable[0]["layers"]
-    kurt = torch.stack([torch.stack([_series(row) for row in r["receiver_kurtosis"]]) for r in usable])
+    kurt = torch.stack([torch.stack([io.float_series(row) for row in r["receiver_kurtosis"]]) for r in usable])
     finite_heads = int(torch.isfinite(kurt).any(0).sum())
     if finite_heads == 0:
         return []
@@ -215,7 +239,7 @@ def fill_receiver_fai(record: dict, receivers: list[list[int]], head_fai: np.nda
         return
     slots = [record["layers"].index(layer) for layer, _ in receivers]
     heads = [h for _, h in receivers]
-    record["fai_receiver"] = _floats(torch.from_numpy(head_fai[slots, heads]).double().mean(0))
+    record["fai_receiver"] = io.float_list(torch.from_numpy(head_fai[slots, heads]).double().mean(0))
 
 
 def recapture_head_fai(model, records: list[dict], config: RhythmConfig = ANALYSIS_CONFIG,
@@ -234,10 +258,10 @@ def record_couplings(record: dict, config: RhythmConfig = ANALYSIS_CONFIG) -> di
     """Table 2 statistics of one response: {name: {"observed": float|None, "random": ...}}."""
     if not record["response_token_ids"]:
         return {}
-    series = lambda key: None if record.get(key) is None else _series(record[key])[None]  # noqa: E731
+    series = lambda key: None if record.get(key) is None else io.float_series(record[key])[None]  # noqa: E731
     stats = response_couplings(series("waad"), series("fai"), None, entropy=series("entropy"),
                                fai_receiver=series("fai_receiver"), config=config)
-    return {name: {k: _floats(v)[0] for k, v in pair.items()} for name, pair in stats.items()}
+    return {name: {k: io.float_list(v)[0] for k, v in pair.items()} for name, pair in stats.items()}
 
 
 def finalize(model, records: list[dict], head_fai: dict, config: RhythmConfig = ANALYSIS_CONFIG, *,
@@ -264,15 +288,18 @@ def finalize(model, records: list[dict], head_fai: dict, config: RhythmConfig = 
 
 
 def run_analysis(model, tokenizer, problems: list[Problem], out_dir, settings: AnalyzeSettings = AnalyzeSettings(),
-                 config: RhythmConfig = ANALYSIS_CONFIG, *, resume: bool = False, overwrite: bool = False,
-                 progress: bool = True, command: str | None = None) -> dict:
-    """The whole `analyze` job into ``out_dir``; returns the final run.json content."""
-    from attnrhythm.studies.figures import choose_figure_record, write_figures
-
+                 config: RhythmConfig = ANALYSIS_CONFIG, *, resume: bool | None = None, overwrite: bool | None = None,
+                 progress: bool | None = None, command: str | None = None) -> dict:
+    """The whole `analyze` job into ``out_dir``; returns the final run.json content.
+    ``resume``/``overwrite``/``progress`` default to the settings' values.  A run that fails
+    records ``"status": "failed"`` and the error in run.json, then raises."""
+    resume = settings.resume if resume is None else resume
+    overwrite = settings.overwrite if overwrite is None else overwrite
+    progress = settings.progress if progress is None else progress
     out = Path(out_dir)
     metrics_path, run_path = out / "metrics.jsonl", out / "run.json"
     if metrics_path.exists() and not (resume or overwrite):
-        raise ValueError(f"{out} already holds an analysis; pass --resume to continue it or --overwrite to replace it")
+        raise UserError(f"{out} already holds an analysis; pass --resume to continue it or --overwrite to replace it")
     if overwrite and not resume:
         for name in OUTPUTS:
             (out / name).unlink(missing_ok=True)
@@ -284,35 +311,45 @@ def run_analysis(model, tokenizer, problems: list[Problem], out_dir, settings: A
                started=datetime.now(timezone.utc).isoformat(timespec="seconds"), status="running")
     done: list[dict] = []
     if resume and metrics_path.exists():
-        previous = json.loads(run_path.read_text()) if run_path.exists() else {}
+        previous = io.read_json(run_path) if run_path.exists() else {}
         _check_resumable(previous, run)
-        done = read_jsonl(metrics_path, repair=True)
-    atomic_write_text(run_path, to_json(run))
+        done = io.read_jsonl(metrics_path, repair=True)
+    io.write_json(run_path, run)
+    try:
+        return _run(model, tokenizer, problems, out, settings, config, run, done, progress, command)
+    except BaseException as err:
+        run.update(status="failed" if not isinstance(err, KeyboardInterrupt) else "interrupted",
+                   error=f"{type(err).__name__}: {err}", finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        io.write_json(run_path, run)
+        raise
 
+
+def _run(model, tokenizer, problems, out, settings, config, run, done, progress, command) -> dict:
+    from attnrhythm.studies.figures import choose_figure_record, write_figures
+
+    metrics_path, run_path = out / "metrics.jsonl", out / "run.json"
     wanted = {p.id for p in problems}
     done = [r for r in done if r["id"] in wanted]
     todo = [p for p in problems if p.id not in {r["id"] for r in done}]
     head_fai, new = {}, []
-    with metrics_path.open("a", encoding="utf-8") as f:
-        for record in analyze(model, tokenizer, todo, config, prompt=settings.prompt,
-                              max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                              batch_size=settings.batch_size, seed=settings.seed, backend=settings.backend,
-                              model_name=settings.model, progress=progress):
-            head_fai[record["id"]] = record.pop("_head_fai")
-            f.write(json.dumps(record, allow_nan=False) + "\n")
-            f.flush()  # a crash keeps every finished response
-            new.append(record)
+    for record in analyze(model, tokenizer, todo, config, prompt=settings.prompt,
+                          max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                          batch_size=settings.batch_size, seed=settings.seed, backend=settings.backend,
+                          model_name=settings.model, progress=progress):
+        head_fai[record["id"]] = record.pop("_head_fai")
+        io.append_jsonl(metrics_path, [record])  # a crash keeps every finished response
+        new.append(record)
 
     order = {p.id: i for i, p in enumerate(problems)}
     records = sorted(done + new, key=lambda r: order[r["id"]])
     receivers, table = finalize(model, records, head_fai, config, backend=settings.backend,
                                 batch_size=settings.batch_size, n_boot=settings.n_boot, seed=settings.seed,
                                 progress=progress)
-    atomic_write_text(metrics_path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in records))
+    io.write_jsonl(metrics_path, records)
     meta = {"model": settings.model, "data": settings.data, "problems": len(records), "seed": settings.seed,
-            "prompt": style, "command": command or "(python API)"}
-    atomic_write_text(out / "couplings.json", to_json(dict(meta=meta, table=table)))
-    atomic_write_text(out / "couplings.md", couplings_markdown(table, meta))
+            "prompt": run["prompt_style"], "command": command or "(python API)"}
+    io.write_json(out / "couplings.json", dict(meta=meta, table=table))
+    io.write_text(out / "couplings.md", couplings_markdown(table, meta))
     figure_record = choose_figure_record(records, settings.figure_response)
     run["figure_response"] = figure_record["id"] if figure_record else None
     run["figures"] = write_figures(model, figure_record, out / "figures", config) if figure_record else {}
@@ -320,7 +357,7 @@ def run_analysis(model, tokenizer, problems: list[Problem], out_dir, settings: A
                receiver_heads=receivers, n_responses=len(records),
                n_empty=sum(not r["response_token_ids"] for r in records),
                accuracy=_mean([r["correct"] for r in records if r.get("correct") is not None]))
-    atomic_write_text(run_path, to_json(run))
+    io.write_json(run_path, run)
     write_report(out)
     return run
 
@@ -331,89 +368,37 @@ def _mean(values):
 
 def _check_resumable(previous: dict, current: dict) -> None:
     if not previous:
-        raise ValueError("cannot resume: run.json is missing, so the settings of the partial run are unknown")
+        raise UserError("cannot resume: run.json is missing, so the settings of the partial run are unknown")
     diffs = [f"{key}: {previous['settings'].get(key)!r} -> {current['settings'][key]!r}"
              for key in AnalyzeSettings.RESUME_KEYS if previous["settings"].get(key) != current["settings"][key]]
     if previous.get("config") != current["config"]:
         diffs.append("the RhythmConfig differs")
     if diffs:
-        raise ValueError("cannot resume a run with different settings (" + "; ".join(diffs) +
-                         "); use another --out or --overwrite")
+        raise UserError("cannot resume a run with different settings (" + "; ".join(diffs) +
+                        "); use another --out or --overwrite")
 
 
-# ------------------------------------------------------------------ command line
-def _layers_arg(text: str):
-    if text in ("middle", "bottom", "top", "all"):
-        return text
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise ValueError(f"--layers must be middle, bottom, top, all or a comma list of ints, got {text!r}") from None
+# ------------------------------------------------------------------ command
+SETTINGS = AnalyzeSettings
 
 
-def _horizon_arg(text: str) -> tuple[int, int | None]:
-    named = {"analysis": ANALYSIS_HORIZON, "rl": (10, 100), "v1": (10, 50)}
-    if text in named:
-        return named[text]
-    lo, _, hi = text.partition(",")
-    try:
-        return int(lo), (int(hi) if hi.strip() else None)
-    except ValueError:
-        raise ValueError(f"--fai-horizon must be analysis, rl, v1 or LO,HI (LO, = to the end), got {text!r}") from None
-
-
-def configure_parser(p) -> None:
-    from attnrhythm.cli import add_problem_arguments
-
-    s = AnalyzeSettings()
-    add_problem_arguments(p)
-    p.add_argument("--out", default="runs/analyze", help="output folder (default %(default)s)")
-    p.add_argument("--prompt", choices=PROMPT_STYLES, default=s.prompt,
-                   help="auto: chat template for instruct models (SmolLM2), the paper's prompt otherwise")
-    p.add_argument("--max-new-tokens", type=int, default=s.max_new_tokens)
-    p.add_argument("--temperature", type=float, default=s.temperature, help="sampling temperature (0 = greedy)")
-    p.add_argument("--batch-size", type=int, default=s.batch_size, help="responses per generation/capture batch")
-    p.add_argument("--backend", choices=BACKENDS, default=s.backend)
-    p.add_argument("--layers", default="middle", help="middle, bottom, top, all, or a comma list of layer indices")
-    p.add_argument("--fai-horizon", default="analysis", help="analysis (to the end), rl (10,100), v1 (10,50) or LO,HI")
-    p.add_argument("--receiver-heads", type=int, default=RhythmConfig.n_receiver_heads, help="receiver heads kept")
-    p.add_argument("--n-boot", type=int, default=s.n_boot, help="bootstrap resamples for the 95%% intervals")
-    p.add_argument("--figure-response", default=None, help="problem id of the response drawn in the figures")
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    p.add_argument("--resume", action="store_true", help="continue a partial run in --out, skipping done problems")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing analysis in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _command_line(args) -> str:
-    """The full command that reruns this analysis (every option spelled out)."""
-    import shlex
-    parts = ["attnrhythm", "analyze"]
-    for key, value in vars(args).items():
-        if key == "command" or value is None or value is False:
-            continue
-        flag = "--" + key.replace("_", "-")
-        parts += [flag] if value is True else [flag, str(value)]
-    return shlex.join(parts)
-
-
-def run(args) -> int:
+def run_analysis_command(settings: AnalyzeSettings, command: str | None = None, model=None, tokenizer=None) -> dict:
+    """`attnrhythm analyze` from Python: validates everything, loads the problems, then the model
+    (unless given), and runs; returns run.json's content."""
+    from attnrhythm import models
+    from attnrhythm.capture import check_backend
     from attnrhythm.data import load_problems
-    from attnrhythm.models import load_model
 
-    try:
-        config = ANALYSIS_CONFIG.replace(layers=_layers_arg(args.layers), fai_horizon=_horizon_arg(args.fai_horizon),
-                                         n_receiver_heads=args.receiver_heads)
-        settings = AnalyzeSettings(**{f.name: getattr(args, f.name) for f in fields(AnalyzeSettings)})
-        problems = load_problems(args.data, args.n, args.seed)
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-        command = _command_line(args)
-        run_info = run_analysis(model, tokenizer, problems, args.out, settings, config, resume=args.resume,
-                                overwrite=args.overwrite, progress=not args.no_progress, command=command)
-    except (ValueError, FileNotFoundError, ImportError, OSError, MemoryError) as err:
-        print(f"attnrhythm analyze: error: {err}", file=sys.stderr)
-        return 2
-    print(f"{run_info['n_responses']} responses analysed; report: {Path(args.out) / 'report.html'}")
-    print((Path(args.out) / "couplings.md").read_text())
+    settings.validate()
+    check_backend(settings.backend)
+    problems = load_problems(settings.data, settings.n, settings.seed)
+    if model is None:
+        model, tokenizer = models.load_model(settings.model, dtype=settings.dtype, device=settings.device)
+    return run_analysis(model, tokenizer, problems, settings.out, settings, settings.config(), command=command)
+
+
+def command(settings: AnalyzeSettings, command_line: str | None = None) -> int:
+    run_info = run_analysis_command(settings, command_line)
+    logger.info(f"{run_info['n_responses']} responses analysed; report: {Path(settings.out) / 'report.html'}")
+    log.emit((Path(settings.out) / "couplings.md").read_text())
     return 0

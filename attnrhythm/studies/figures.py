@@ -1,4 +1,4 @@
-"""Figures of one response (METHOD.md section 5), as PNG files.
+"""Figures of one response (docs/method.md section 5), as PNG files.
 
 * ``attention_maps.png``: the aggregated local-head and global-head maps (Abar_loc, Abar_glob)
   of the response rows and columns, from eager ``attention_maps``: a sawtooth of short chunks
@@ -24,6 +24,22 @@ from attnrhythm.core.couplings import find_peaks
 
 MIN_FIGURE_TOKENS = 32
 """A complete response shorter than this shows too little rhythm to be the default figure."""
+FEW_FAI_ROWS = 10
+"""*Decision*: FAI values averaging fewer rows than this (the RL horizon's start) are shaded in the
+figures: near the end of a response FAI "to the end" rests on a handful of rows and rises, which
+is not an anchor (docs/method.md section 3)."""
+
+
+def few_rows_spans(rows: list[int], threshold: int = FEW_FAI_ROWS) -> list[tuple[int, int]]:
+    """Maximal [start, stop) spans of positions whose FAI averages fewer than ``threshold`` rows."""
+    spans, start = [], None
+    for t, n in enumerate(list(rows) + [threshold]):
+        if n < threshold and start is None:
+            start = t
+        elif n >= threshold and start is not None:
+            spans.append((start, t))
+            start = None
+    return spans
 
 
 def _pyplot():
@@ -99,6 +115,10 @@ def rhythm_curves_png(record: dict, config: RhythmConfig = RhythmConfig(), title
             ax.plot(x, y, lw=1, color=colours[key], label=labels[key])
             peaks = find_peaks(torch.from_numpy(y), None, config.peak_q).numpy()
             ax.plot(x[peaks], y[peaks], "o", ms=3, color=colours[key])
+            if key.startswith("fai"):
+                for i, (lo, hi) in enumerate(few_rows_spans(record.get("fai_rows") or [])):
+                    ax.axvspan(lo - 0.5, hi - 0.5, color="0.6", alpha=0.25, lw=0,
+                               label=None if i else f"FAI from < {FEW_FAI_ROWS} rows")
         ax.set_ylabel(name)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="upper right", fontsize=8)
@@ -113,7 +133,7 @@ def write_figures(model, record: dict, folder, config: RhythmConfig = RhythmConf
     import importlib.util
     if importlib.util.find_spec("matplotlib") is None:
         return {"skipped": "figures: matplotlib is not installed (pip install matplotlib)"}
-    from attnrhythm.studies.report import atomic_write_bytes
+    from attnrhythm.io import write_bytes as atomic_write_bytes
 
     folder = Path(folder)
 

@@ -1,4 +1,4 @@
-"""`attnrhythm perturb`: the perturbation study of the paper's Table 1 (METHOD.md section 5).
+"""`attnrhythm perturb`: the perturbation study of the paper's Table 1 (docs/method.md section 5).
 
 For each problem: a greedy original response; FAI over it (global heads, analysis horizon
 s < t <= N-1); the top-k and bottom-k positions by FAI; at each position the best few
@@ -7,29 +7,31 @@ greedily with the original's token budget; the content-word Jaccard overlap betw
 perturbed and the original continuation (the tokens after position i).  If anchors steer the
 reasoning, forcing a different token at a high-FAI position changes the rest more (lower Jaccard).
 
-Speed (``greedy.py``): the original responses of ``--batch-size`` problems are decoded as one
+Speed (``generation.decode``): the original responses of ``--batch-size`` problems are decoded as one
 left-padded batch; the continuations of one problem run as one batch sharing the KV cache of
 prompt + original response, each row masked to its own prefix and positioned as in a fresh
 sequence, so nothing of the prefix is recomputed.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import platform
-import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from attnrhythm.core.config import ANALYSIS_HORIZON, RhythmConfig
-from attnrhythm.generation import check_prompt_fits, encode_prompt, prompt_text, resolve_prompt_style, stop_token_ids
-from attnrhythm.greedy import greedy_continue, greedy_responses, prefill, strip_stop
+from attnrhythm import io, log
+from attnrhythm.core.config import ANALYSIS_HORIZON, RhythmConfig, parse_layers
 from attnrhythm.core.textstats import bootstrap_ci, content_jaccard
+from attnrhythm.errors import UserError
+from attnrhythm.generation import (PROMPT_STYLES, check_prompt_fits, decode, encode_prompt, greedy_responses, prefill,
+                                   problem_prompt, resolve_prompt_style, stop_token_ids, strip_stop)
+from attnrhythm.studies.report import machine_info
+
+logger = log.get_logger(__name__)
 
 PAPER_TABLE1 = dict(top=0.534, bottom=0.631, top_below_bottom=0.8714)
 """Li et al. (arXiv 2510.13554) Table 1, Qwen3-4B-Base, 70 GSM8K problems: mean Jaccard at the
@@ -97,8 +99,8 @@ def perturb_response(model, tokenizer, prompt_ids: list[int], response: list[int
     top, bottom = select_positions(eligible, k)
     positions, groups = top + bottom, ["top"] * len(top) + ["bottom"] * len(bottom)
     ranks = list(range(len(top))) + list(range(len(bottom)))
-    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-    problem = dict(prompt_token_ids=prompt_ids, response_token_ids=response, response_text=decode(response),
+    text = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    problem = dict(prompt_token_ids=prompt_ids, response_token_ids=response, response_text=text(response),
                    fai=[None if math.isnan(v) else float(v) for v in fai], top_positions=top,
                    bottom_positions=bottom)
     rows = []  # (group, rank, position, forced token, alternative rank, its probability)
@@ -120,14 +122,13 @@ def perturb_response(model, tokenizer, prompt_ids: list[int], response: list[int
         first = torch.tensor([r[3] for r in rows], device=device)
         # the original's budget: the perturbed response stays within max_new_tokens too
         budgets = [max_new_tokens - r[2] - 1 for r in rows]
-        for (group, rank, i, token, a, prob), cont in zip(rows, greedy_continue(model, cache, visible, first,
-                                                                               budgets, stops)):
-            original_text, perturbed_text = decode(response[i + 1:]), decode(strip_stop(cont, stops))
+        for (group, rank, i, token, a, prob), cont in zip(rows, decode(model, cache, visible, first, budgets, stops)):
+            original_text, perturbed_text = text(response[i + 1:]), text(strip_stop(cont, stops))
             trials.append(dict(
                 group=group, rank=rank, position=i, fai=float(fai[i]),
-                prefix_tail=decode(response[:i])[-PREFIX_CHARS:],
-                original_token_id=response[i], original_token=decode([response[i]]),
-                forced_token_id=token, forced_token=decode([token]), alternative_rank=a, forced_prob=prob,
+                prefix_tail=text(response[:i])[-PREFIX_CHARS:],
+                original_token_id=response[i], original_token=text([response[i]]),
+                forced_token_id=token, forced_token=text([token]), alternative_rank=a, forced_prob=prob,
                 perturbed_token_ids=cont,
                 jaccard=content_jaccard(original_text, perturbed_text),
                 original_continuation=original_text, perturbed_continuation=perturbed_text))
@@ -167,17 +168,12 @@ def summarize(problems: list[dict], n_boot: int = 2000, seed: int = 0) -> dict:
 # ---------------------------------------------------------------- files
 
 def read_records(path: Path) -> tuple[dict | None, list[dict], list[dict]]:
-    """(settings, problems, trials) of a perturbations.jsonl.  A problem counts only when its
-    'problem' line (written last, in the same write as its trials) is there; a cut-off last line
-    and the trials of an unfinished problem are dropped."""
+    """(settings, problems, trials) of a perturbations.jsonl (``io.read_jsonl``'s policy: a cut
+    last line is skipped, a bad line elsewhere refused).  A problem counts only when its
+    'problem' line (written last, in the same write as its trials) is there; the trials of an
+    unfinished problem are dropped."""
     settings, problems, trials = None, [], []
-    if not path.exists():
-        return settings, problems, trials
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for record in io.read_jsonl(path):
         kind = record.get("type")
         if kind == "settings":
             settings = record["settings"]
@@ -187,19 +183,6 @@ def read_records(path: Path) -> tuple[dict | None, list[dict], list[dict]]:
             trials.append(record)
     done = {p["problem_id"] for p in problems}
     return settings, problems, [t for t in trials if t["problem_id"] in done]
-
-
-def _write_records(path: Path, records: list[dict], mode: str = "a") -> None:
-    # one write, flushed to disk: a killed run leaves whole problems (or one cut line, ignored)
-    with path.open(mode, encoding="utf-8") as f:
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def machine() -> dict:
-    return dict(platform=platform.platform(), python=platform.python_version(), cpu_count=os.cpu_count(),
-                torch=torch.__version__, torch_threads=torch.get_num_threads())
 
 
 # ---------------------------------------------------------------- HTML page
@@ -253,47 +236,59 @@ def write_outputs(out: Path, settings: dict, n_show: int = 4) -> dict:
     _, problems, trials = read_records(out / "perturbations.jsonl")
     summary = summarize(problems, settings["n_boot"], settings["seed"])
     seconds = [p["seconds"] for p in problems]
-    result = dict(summary, settings=settings, machine=machine(),
+    result = dict(summary, settings=settings, machine=machine_info(),
                   seconds_per_problem=float(np.mean(seconds)) if seconds else None)
-    (out / "perturbation.json").write_text(json.dumps(_no_nan(result), indent=2) + "\n")
-    (out / "perturbation.html").write_text(render_html(problems, trials, summary, settings, n_show), encoding="utf-8")
-    return result
+    io.write_json(out / "perturbation.json", result)
+    io.write_text(out / "perturbation.html", render_html(problems, trials, summary, settings, n_show))
+    return io.json_ready(result)
 
 
-def _no_nan(x):
-    """JSON-safe copy: NaN and inf become null."""
-    if isinstance(x, dict):
-        return {k: _no_nan(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_no_nan(v) for v in x]
-    return None if isinstance(x, float) and not math.isfinite(x) else x
+# ---------------------------------------------------------------- settings and the command
+
+def _opt(help_text: str, **meta):
+    return dict(metadata=dict(help=help_text, **meta))
 
 
-# ---------------------------------------------------------------- command line
+@dataclass
+class PerturbSettings:
+    """Everything a `perturb` run needs; ``study()`` is the part a resumed run must match."""
 
-def configure_parser(p) -> None:
-    from attnrhythm.cli import add_problem_arguments
+    out: str = field(default="runs/perturb", **_opt("output folder (perturbations.jsonl, perturbation.json, .html)"))
+    model: str = field(default="smollm2-135m", **_opt("embedded name (smollm2-135m), local model folder or hub id"))
+    data: str = field(default="gsm8k", **_opt("gsm8k, champ, a .jsonl file (question, answer) or a hub dataset id"))
+    n: int = field(default=70, **_opt("problems, a seeded sample of the data (paper: 70)"))
+    seed: int = field(default=0, **_opt("seed of the problem sample and of the bootstrap"))
+    k: int = field(default=3, **_opt("top-k and bottom-k FAI positions per problem"))
+    alternatives: int = field(default=3, **_opt("forced alternatives per position"))
+    max_new_tokens: int = field(default=256, **_opt("token budget of every response"))
+    min_after: int = field(default=10, **_opt("skip positions followed by fewer original tokens (0: only "
+                                              "undefined FAI is skipped)"))
+    prompt: str = field(default="auto", **_opt("auto: chat template for instruct models (SmolLM2), the paper's "
+                                               "prompt otherwise", choices=PROMPT_STYLES))
+    layers: str = field(default="middle", **_opt("layers whose heads give FAI: middle, bottom, top, all or a "
+                                                 "comma list"))
+    batch_size: int = field(default=8, **_opt("original responses decoded together"))
+    n_boot: int = field(default=2000, **_opt("bootstrap resamples over problems"))
+    html_problems: int = field(default=4, **_opt("problems shown in perturbation.html"))
+    device: str | None = field(default=None, **_opt("cpu or cuda (none: cuda when available)"))
+    dtype: str = field(default="auto", **_opt("auto: bfloat16 on CUDA and on CPUs with bf16 matrix units "
+                                              "(AMX/AVX512-BF16), float32 otherwise",
+                                              choices=("auto", "float32", "bfloat16", "float16")))
+    threads: int | None = field(default=None, **_opt("torch CPU threads (1 on a shared machine avoids threads "
+                                                     "spinning against each other; none: torch's default)"))
+    resume: bool = field(default=False, **_opt("continue the run in --out (same settings)"))
 
-    p.add_argument("--out", required=True, help="output folder (perturbation.json, perturbations.jsonl, .html)")
-    add_problem_arguments(p)
-    p.add_argument("--k", type=int, default=3, help="top-k and bottom-k FAI positions per problem")
-    p.add_argument("--alternatives", type=int, default=3, help="forced alternatives per position")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="token budget of every response")
-    p.add_argument("--min-after", type=int, default=10,
-                   help="skip positions followed by fewer original tokens (0: only undefined FAI is skipped)")
-    p.add_argument("--prompt", choices=("auto", "chat", "paper"), default="auto",
-                   help="auto: chat template for instruct models (SmolLM2), the paper's prompt otherwise")
-    p.add_argument("--layers", default="middle", help="layers whose heads give FAI: middle, bottom, top, all")
-    p.add_argument("--batch-size", type=int, default=8, help="original responses decoded together")
-    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples over problems")
-    p.add_argument("--html-problems", type=int, default=4, help="problems shown in perturbation.html")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="auto: bfloat16 on CUDA and on CPUs with bf16 matrix units (AMX/AVX512-BF16, about twice "
-                        "as fast as float32 there), float32 otherwise")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (on a shared machine 1 avoids threads spinning against each other)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out (same settings)")
+    def study(self) -> dict:
+        """What defines the study; a resumed run must match it."""
+        return dict(model=self.model, data=self.data, n=self.n, seed=self.seed, k=self.k,
+                    alternatives=self.alternatives, max_new_tokens=self.max_new_tokens, min_after=self.min_after,
+                    prompt=self.prompt, layers=self.layers, fai_horizon=list(ANALYSIS_HORIZON), heads="global",
+                    n_boot=self.n_boot, decoding="greedy", dtype=resolve_dtype(self.dtype, self.device))
+
+    def validate(self) -> None:
+        if self.n < 1 or self.k < 1 or self.alternatives < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
+            raise UserError("--n, --k, --alternatives, --max-new-tokens and --batch-size must be at least 1")
+        parse_layers(self.layers)
 
 
 def resolve_dtype(dtype: str, device: str | None) -> str:
@@ -305,92 +300,80 @@ def resolve_dtype(dtype: str, device: str | None) -> str:
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
+    except OSError:  # not Linux: no cpuinfo to read
         return "float32"
     return "bfloat16" if {"amx_bf16", "avx512_bf16"} & set(flags) else "float32"
 
 
-def settings_of(args) -> dict:
-    """What defines the study; a resumed run must match it."""
-    return dict(model=args.model, data=args.data, n=args.n, seed=args.seed, k=args.k,
-                alternatives=args.alternatives, max_new_tokens=args.max_new_tokens, min_after=args.min_after,
-                prompt=args.prompt, layers=args.layers, fai_horizon=list(ANALYSIS_HORIZON), heads="global",
-                n_boot=args.n_boot, decoding="greedy", dtype=resolve_dtype(args.dtype, args.device))
-
-
-def run_study(args, model=None, tokenizer=None) -> dict:
-    """Run (or resume) the study in ``args.out``; returns the perturbation.json content.
+def run_perturbation(settings: PerturbSettings, model=None, tokenizer=None) -> dict:
+    """Run (or resume) the study in ``settings.out``; returns the perturbation.json content.
     ``model``/``tokenizer`` may be passed in to reuse a loaded model."""
     from attnrhythm.data import load_problems
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    settings.validate()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    out = Path(settings.out)
     path = out / "perturbations.jsonl"
-    settings = settings_of(args)
+    study = settings.study()
     if model is not None:
-        settings["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+        study["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     saved, problems_done, trials_done = read_records(path)
-    if saved is not None and not args.resume:
-        raise ValueError(f"{path} exists; pass --resume to continue it or choose another --out")
-    if saved is not None and saved != settings:
-        changed = {k: [saved.get(k), v] for k, v in settings.items() if saved.get(k) != v}
-        raise ValueError(f"{path} was made with other settings ([saved, now]): {changed}; use another --out")
+    if saved is not None and not settings.resume:
+        raise UserError(f"{path} exists; pass --resume to continue it or choose another --out")
+    if saved is not None and saved != study:
+        changed = {k: [saved.get(k), v] for k, v in study.items() if saved.get(k) != v}
+        raise UserError(f"{path} was made with other settings ([saved, now]): {changed}; use another --out")
+    done = {p["problem_id"] for p in problems_done}
+    problems = [p for p in load_problems(settings.data, settings.n, settings.seed) if p.id not in done]
+    if problems and model is None:
+        from attnrhythm import models
+        model, tokenizer = models.load_model(settings.model, dtype=study["dtype"], device=settings.device)
     # start from a clean file: settings, then each finished problem's trials and its line
     # (a killed run's unfinished problem leaves orphan trials at the end; they are dropped here)
-    clean = [dict(type="settings", settings=settings)]
+    clean = [dict(type="settings", settings=study)]
     for problem in problems_done:
         clean += [t for t in trials_done if t["problem_id"] == problem["problem_id"]] + [problem]
-    _write_records(path.with_suffix(".tmp"), clean, mode="w")
-    os.replace(path.with_suffix(".tmp"), path)
-    done = {p["problem_id"] for p in problems_done}
-    problems = [p for p in load_problems(args.data, args.n, args.seed) if p.id not in done]
-    if problems and model is None:
-        from attnrhythm.models import load_model
-        model, tokenizer = load_model(args.model, dtype=settings["dtype"], device=args.device)
-    layers = args.layers if args.layers in ("middle", "bottom", "top", "all") else \
-        tuple(int(x) for x in args.layers.split(","))
-    config = RhythmConfig(fai_horizon=ANALYSIS_HORIZON, layers=layers)
-    style = resolve_prompt_style(args.prompt, tokenizer, args.model) if problems else None
+    io.write_jsonl(path, clean)
+    config = RhythmConfig(fai_horizon=ANALYSIS_HORIZON, layers=parse_layers(settings.layers))
+    style = resolve_prompt_style(settings.prompt, tokenizer, settings.model) if problems else None
     stops = stop_token_ids(model, tokenizer) if problems else set()
-    print(f"perturb: {len(done)} problems already done, {len(problems)} to go -> {out}", flush=True)
-    for start in range(0, len(problems), args.batch_size):
-        chunk = problems[start:start + args.batch_size]
+    logger.info(f"perturb: {len(done)} problems already done, {len(problems)} to go -> {out}")
+    for start in range(0, len(problems), settings.batch_size):
+        chunk = problems[start:start + settings.batch_size]
         started = time.perf_counter()
-        prompts = [encode_prompt(tokenizer, prompt_text(p, tokenizer, style), style) for p in chunk]
-        budget = min(check_prompt_fits(model, ids, args.max_new_tokens, p.id) for ids, p in zip(prompts, chunk))
+        prompts = [encode_prompt(tokenizer, problem_prompt(p, style)) for p in chunk]
+        budget = min(check_prompt_fits(model, ids, settings.max_new_tokens, p.id) for ids, p in zip(prompts, chunk))
         responses = [strip_stop(r, stops) for r in greedy_responses(model, prompts, budget, stops)]
         shared = (time.perf_counter() - started) / len(chunk)  # the batched originals, split evenly
         for n, (problem, prompt_ids, response) in enumerate(zip(chunk, prompts, responses), start + 1):
             started = time.perf_counter()
-            record, trials = perturb_response(model, tokenizer, prompt_ids, response, k=args.k,
-                                              n_alternatives=args.alternatives, max_new_tokens=budget,
-                                              min_after=args.min_after, config=config)
+            record, trials = perturb_response(model, tokenizer, prompt_ids, response, k=settings.k,
+                                              n_alternatives=settings.alternatives, max_new_tokens=budget,
+                                              min_after=settings.min_after, config=config)
             ids = dict(problem_id=problem.id)
             record = dict(type="problem", **ids, question=problem.question, gold=problem.gold, prompt_style=style,
                           **record, seconds=round(shared + time.perf_counter() - started, 3))
-            _write_records(path, [dict(type="trial", **ids, **t) for t in trials] + [_no_nan(record)])
-            print(f"  [{n}/{len(problems)}] {problem.id}: {len(response)} tokens, {len(trials)} trials, "
-                  f"Jaccard top {_fmt(record['top_mean'])} bottom {_fmt(record['bottom_mean'])}, "
-                  f"{record['seconds']:.1f} s", flush=True)
-    return write_outputs(out, settings, args.html_problems)
+            io.append_jsonl(path, [dict(type="trial", **ids, **t) for t in trials] + [record])
+            logger.info(f"  [{n}/{len(problems)}] {problem.id}: {len(response)} tokens, {len(trials)} trials, "
+                        f"Jaccard top {_fmt(record['top_mean'])} bottom {_fmt(record['bottom_mean'])}, "
+                        f"{record['seconds']:.1f} s")
+    return write_outputs(out, study, settings.html_problems)
 
 
 def _fmt(v) -> str:
     return "n/a" if v is None or not math.isfinite(v) else f"{v:.3f}"
 
 
-def run(args) -> int:
-    try:
-        result = run_study(args)
-    except (ValueError, FileNotFoundError, ImportError, OSError) as err:
-        print(f"attnrhythm perturb: error: {err}", file=sys.stderr)
-        return 2
+SETTINGS = PerturbSettings
+
+
+def command(settings: PerturbSettings, command_line: str | None = None) -> int:
+    result = run_perturbation(settings)
     top, bottom, below = result["top"], result["bottom"], result["top_below_bottom"]
     ci = lambda c: f"[{_fmt(c[0])}, {_fmt(c[1])}]"  # noqa: E731
-    print(f"mean Jaccard top-FAI {_fmt(top['mean'])} {ci(top['ci'])} (paper {top['paper']}), bottom-FAI "
-          f"{_fmt(bottom['mean'])} {ci(bottom['ci'])} (paper {bottom['paper']}); top < bottom in "
-          f"{_fmt(below['share'])} {ci(below['ci'])} of problems (paper {below['paper']}); "
-          f"{_fmt(result['seconds_per_problem'])} s per problem; wrote {Path(args.out) / 'perturbation.json'}")
+    log.emit(f"mean Jaccard top-FAI {_fmt(top['mean'])} {ci(top['ci'])} (paper {top['paper']}), bottom-FAI "
+             f"{_fmt(bottom['mean'])} {ci(bottom['ci'])} (paper {bottom['paper']}); top < bottom in "
+             f"{_fmt(below['share'])} {ci(below['ci'])} of problems (paper {below['paper']}); "
+             f"{_fmt(result['seconds_per_problem'])} s per problem; wrote {Path(settings.out) / 'perturbation.json'}")
     return 0

@@ -1,5 +1,5 @@
 """The analysis report: one self-contained ``report.html`` (figures embedded as base64), and the
-small file helpers every output of `analyze` goes through.
+facts about the machine a run ran on.
 
 The page holds the run's settings, the Table 2 couplings beside the paper's numbers, the
 figures, and every response as text coloured by FAI or by WAAD (a toggle; the paper's
@@ -14,75 +14,15 @@ import html
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from attnrhythm import io
 from attnrhythm.core.couplings import PAPER_TABLE2
 
 
-# ------------------------------------------------------------------ files
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual mode
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _json_ready(x):
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {str(k): _json_ready(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_ready(v) for v in x]
-    if isinstance(x, np.generic):
-        return _json_ready(x.item())
-    return x
-
-
-def to_json(obj) -> str:
-    """Pretty JSON with NaN/inf written as null (strict JSON)."""
-    return json.dumps(_json_ready(obj), indent=2, allow_nan=False) + "\n"
-
-
-def read_jsonl(path, repair: bool = False) -> list[dict]:
-    """Records of a JSONL file.  A cut-off last line (a crash mid-write) is dropped -- and, with
-    ``repair``, removed from the file so appending can continue; a bad line elsewhere raises."""
-    path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number < len(lines):
-                raise ValueError(f"{path}:{number}: not valid JSON; the file is damaged") from None
-            if repair:
-                atomic_write_text(path, "".join(lines[:-1]))
-    return records
-
-
+# ------------------------------------------------------------------ run facts
 def machine_info(model=None) -> dict:
     """Where a run ran: platform, library versions, device (and GPU name)."""
     import platform
@@ -91,7 +31,8 @@ def machine_info(model=None) -> dict:
     import torch
     device = next(model.parameters()).device if model is not None else torch.device("cpu")
     info = dict(platform=platform.platform(), python=platform.python_version(), torch=torch.__version__,
-                transformers=transformers.__version__, cpu_count=os.cpu_count(), device=str(device))
+                transformers=transformers.__version__, cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                device=str(device))
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -178,7 +119,9 @@ def token_spans(record: dict) -> str:
     spans = []
     for t, token in enumerate(record["tokens"]):
         fai, waad = _at(record, "fai", t), _at(record, "waad", t)
-        title = (f"#{t}  FAI {_g(fai)} | FAI receiver {_g(_at(record, 'fai_receiver', t))} | "
+        rows = _at(record, "fai_rows", t)
+        title = (f"#{t}  FAI {_g(fai)}" + ("" if rows is None else f" (from {rows} rows)") +
+                 f" | FAI receiver {_g(_at(record, 'fai_receiver', t))} | "
                  f"WAAD {_g(waad)} | entropy {_g(_at(record, 'entropy', t))}")
         style = ";".join(f"--{name}:{_alpha(v, scales[key])}"
                          for name, key, v in (("f", "fai", fai), ("w", "waad", waad)) if v is not None)
@@ -249,7 +192,10 @@ def render_report(run: dict, records: list[dict], couplings: dict | None, figure
               f"{_legend('fai')}</label> <input type='radio' name='colouring' id='by-waad'>"
               f"<label for='by-waad'> colour by WAAD {_legend('waad')}</label>"
               "<p>Colours are scaled per response (1st to 99th percentile); dotted tokens have no defined "
-              "value (FAI of the last token); hover a token for all its values.</p>",
+              "value (FAI of the last token); hover a token for all its values, including how many later rows "
+              "its FAI averages. Near the end of a response FAI rests on few rows and tends to rise: in the "
+              "figures the positions whose FAI averages fewer than 10 rows are shaded grey; do not read that "
+              "rise as anchors.</p>",
               "<div class='responses'>", *(response_html(r) for r in records), "</div></body></html>"]
     return "\n".join(parts)
 
@@ -259,11 +205,11 @@ def write_report(out_dir) -> Path:
     out = Path(out_dir)
     if not (out / "metrics.jsonl").exists():
         raise FileNotFoundError(f"{out / 'metrics.jsonl'} does not exist: nothing to report")
-    run = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
-    records = read_jsonl(out / "metrics.jsonl")
-    couplings = json.loads((out / "couplings.json").read_text()) if (out / "couplings.json").exists() else None
+    run = io.read_json(out / "run.json") if (out / "run.json").exists() else {}
+    records = io.read_jsonl(out / "metrics.jsonl")
+    couplings = io.read_json(out / "couplings.json") if (out / "couplings.json").exists() else None
     figures = {name: out / "figures" / f"{name}.png" for name in ("attention_maps", "rhythm_curves")
                if (out / "figures" / f"{name}.png").exists()}
     path = out / "report.html"
-    atomic_write_text(path, render_report(run, records, couplings, figures))
+    io.write_text(path, render_report(run, records, couplings, figures))
     return path

@@ -18,18 +18,21 @@ opposite side; *inconclusive at this sample size* when it includes no effect.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import shlex
-import sys
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from . import perturb
+from attnrhythm import io, log
 from attnrhythm.core.couplings import COUPLINGS, PAPER_TABLE2
+from attnrhythm.errors import UserError
+from attnrhythm.generation import PROMPT_STYLES
+from attnrhythm.studies import perturb
+
+logger = log.get_logger(__name__)
 
 CORE = ("model", "data", "n", "seed")
 """Settings that define the study: reused outputs must have been made with these values."""
@@ -80,7 +83,7 @@ def _ci(ci, fmt) -> str:
 def _check_core(kind: str, saved: dict, args) -> None:
     wrong = {k: (saved.get(k), getattr(args, k)) for k in CORE if saved.get(k) != getattr(args, k)}
     if wrong:
-        raise ValueError(f"the {kind} outputs in {args.out} were made with other settings (saved, asked): "
+        raise UserError(f"the {kind} outputs in {args.out} were made with other settings (saved, asked): "
                          f"{wrong}; use another --out or the saved values")
 
 
@@ -88,14 +91,13 @@ def ensure_analysis(args, load) -> tuple[dict, list[dict], dict]:
     """(run.json, records, couplings table): reused, resumed or run."""
     from dataclasses import fields
 
-    from attnrhythm.studies.analyze import ANALYSIS_CONFIG, AnalyzeSettings, run_analysis
     from attnrhythm.core.config import RhythmConfig
     from attnrhythm.data import load_problems
-    from attnrhythm.studies.report import read_jsonl
+    from attnrhythm.studies.analyze import ANALYSIS_CONFIG, AnalyzeSettings, run_analysis
 
     out = Path(args.out)
     run_path = out / "run.json"
-    run = json.loads(run_path.read_text()) if run_path.exists() else None
+    run = io.read_json(run_path) if run_path.exists() else None
     if run is not None:
         _check_core("analysis", run["settings"], args)
     if run is None or run.get("status") != "complete" or not (out / "couplings.json").exists():
@@ -106,23 +108,21 @@ def ensure_analysis(args, load) -> tuple[dict, list[dict], dict]:
         else:
             settings = AnalyzeSettings(model=args.model, data=args.data, n=args.n, seed=args.seed, prompt=args.prompt,
                                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                       batch_size=args.batch_size, n_boot=args.n_boot)
+                                       batch_size=args.batch_size, n_boot=args.n_boot, out=str(out))
             config = ANALYSIS_CONFIG
-        print(f"reproduce: {'resuming' if run else 'running'} the analysis in {out}", flush=True)
+        logger.info(f"reproduce: {'resuming' if run else 'running'} the analysis in {out}")
         model, tokenizer = load()
         problems = load_problems(settings.data, settings.n, settings.seed)
         run = run_analysis(model, tokenizer, problems, out, settings, config, resume=run is not None,
                            progress=False, command=args.command_line)
     else:
-        print(f"reproduce: reusing the analysis in {out}", flush=True)
-    table = json.loads((out / "couplings.json").read_text())["table"]
-    return run, read_jsonl(out / "metrics.jsonl"), table
+        logger.info(f"reproduce: reusing the analysis in {out}")
+    table = io.read_json(out / "couplings.json")["table"]
+    return run, io.read_jsonl(out / "metrics.jsonl"), table
 
 
 def ensure_perturbation(args) -> dict:
     """perturbation.json content: reused, resumed or run (with the saved settings if any)."""
-    parser = argparse.ArgumentParser()
-    perturb.configure_parser(parser)
     saved, _, _ = perturb.read_records(Path(args.out) / "perturbations.jsonl")
     if saved is not None:
         _check_core("perturbation", saved, args)
@@ -132,27 +132,23 @@ def ensure_perturbation(args) -> dict:
         values = dict(k=args.k, alternatives=args.alternatives, max_new_tokens=args.max_new_tokens,
                       min_after=args.min_after, prompt=args.prompt, layers="middle", n_boot=args.n_boot,
                       dtype=args.perturb_dtype)
-    argv = ["--out", args.out, "--model", args.model, "--data", args.data, "--n", str(args.n),
-            "--seed", str(args.seed), "--resume"] + [x for k, v in values.items()
-                                                     for x in (f"--{k.replace('_', '-')}", str(v))]
-    argv += ["--device", args.device] if args.device else []
-    argv += ["--threads", str(args.threads)] if args.threads else []
-    return perturb.run_study(parser.parse_args(argv))
+    return perturb.run_perturbation(perturb.PerturbSettings(
+        out=args.out, model=args.model, data=args.data, n=args.n, seed=args.seed, resume=True,
+        device=args.device, threads=args.threads, **values))
 
 
 def layer_range_tables(args, run: dict, records: list[dict], middle: dict, load) -> dict:
     """{range: {"layers": [...], "table": couplings table}} for bottom, middle and top; the
     analysis's own table is used for the range its config names; results cached on disk."""
-    from attnrhythm.studies.analyze import capture_records, finalize
     from attnrhythm.capture import resolve_layers
     from attnrhythm.core.config import RhythmConfig
-    from attnrhythm.studies.report import atomic_write_text, to_json
+    from attnrhythm.studies.analyze import capture_records, finalize
 
     out = Path(args.out)
     cache_path = out / "layer_ranges.json"
     base = RhythmConfig.from_dict(run["config"])
     key = dict(config=run["config"], ids=[r["id"] for r in records], started=run.get("started"))
-    cached = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    cached = io.read_json(cache_path) if cache_path.exists() else {}
     if cached.get("key") != key:
         cached = dict(key=key, ranges={})
     settings = run["settings"]
@@ -162,7 +158,7 @@ def layer_range_tables(args, run: dict, records: list[dict], middle: dict, load)
         if base.layers == name:
             cached["ranges"][name] = dict(layers=run["layers"], table=middle, source="couplings.json")
             continue
-        print(f"reproduce: recapturing {len(records)} responses with the {name} third of the layers", flush=True)
+        logger.info(f"reproduce: recapturing {len(records)} responses with the {name} third of the layers")
         model, _ = load()
         config = base.replace(layers=name)
         copies, head_fai, batch = [], {}, settings.get("batch_size", 8)
@@ -178,7 +174,7 @@ def layer_range_tables(args, run: dict, records: list[dict], middle: dict, load)
         _, table = finalize(model, copies, head_fai, config, n_boot=settings.get("n_boot", 2000),
                             seed=settings.get("seed", 0))
         cached["ranges"][name] = dict(layers=resolve_layers(model, config), table=table, source="recaptured")
-        atomic_write_text(cache_path, to_json(cached))
+        io.write_json(cache_path, cached)
     return cached["ranges"]
 
 
@@ -296,7 +292,7 @@ def render_markdown(meta: dict, rows: list[dict], table2: dict, table1: dict, ra
               f"{t['top_below_bottom']['n_ties']} ties (counted as not below); settings: "
               f"`{json.dumps(t['settings'])}`; {_num(t.get('seconds_per_problem'))} s per problem.",
               "", "## v2 Table 10: couplings by layer range", "",
-              "The paper's Table 10 values are not restated in METHOD.md; each range is judged on the sign "
+              "The paper's Table 10 values are not restated in docs/method.md; each range is judged on the sign "
               "of its lift.", "", "| layers | " + " | ".join(PAPER_TABLE2[c]["label"] for c in COUPLINGS) + " |",
               "|---|" + "---|" * len(COUPLINGS)]
     for name in RANGES:
@@ -311,52 +307,61 @@ def render_markdown(meta: dict, rows: list[dict], table2: dict, table1: dict, ra
     return "\n".join(lines) + "\n"
 
 
-# ---------------------------------------------------------------- command line
+# ---------------------------------------------------------------- settings and the command
 
-def configure_parser(p) -> None:
-    from attnrhythm.cli import add_problem_arguments
-
-    p.add_argument("--out", default="runs/reproduce", help="output folder, shared with analyze and perturb")
-    add_problem_arguments(p)
-    p.add_argument("--max-new-tokens", type=int, default=256, help="token budget of analysis and perturbation")
-    p.add_argument("--temperature", type=float, default=0.7, help="analysis sampling temperature (paper: 0.7)")
-    p.add_argument("--prompt", choices=("auto", "chat", "paper"), default="auto")
-    p.add_argument("--batch-size", type=int, default=8, help="responses per generation/capture batch")
-    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the 95%% intervals")
-    p.add_argument("--k", type=int, default=3, help="perturbation: top-k and bottom-k FAI positions")
-    p.add_argument("--alternatives", type=int, default=3, help="perturbation: forced alternatives per position")
-    p.add_argument("--min-after", type=int, default=10, help="perturbation: skip positions this close to the end")
-    p.add_argument("--dtype", default="auto", help="analysis dtype (auto: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--perturb-dtype", default="auto", help="perturbation dtype (see `perturb --dtype`)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
+def _opt(help_text: str, **meta):
+    return dict(metadata=dict(help=help_text, **meta))
 
 
-def command_line(args) -> str:
-    parts = ["attnrhythm", "reproduce"]
-    for key, value in vars(args).items():
-        if key not in ("command", "command_line") and value is not None:
-            parts += ["--" + key.replace("_", "-"), str(value)]
-    return shlex.join(parts)
+@dataclass
+class ReproduceSettings:
+    """Everything a `reproduce` run needs; the analysis and the perturbation get their settings from it."""
+
+    out: str = field(default="runs/reproduce", **_opt("output folder, shared with analyze and perturb"))
+    model: str = field(default="smollm2-135m", **_opt("embedded name (smollm2-135m), local model folder or hub id"))
+    data: str = field(default="gsm8k", **_opt("gsm8k, champ, a .jsonl file (question, answer) or a hub dataset id"))
+    n: int = field(default=70, **_opt("problems, a seeded sample of the data (paper: 70)"))
+    seed: int = field(default=0, **_opt("seed of the problem sample, of sampling and of the bootstrap"))
+    max_new_tokens: int = field(default=256, **_opt("token budget of analysis and perturbation"))
+    temperature: float = field(default=0.7, **_opt("analysis sampling temperature (paper: 0.7)"))
+    prompt: str = field(default="auto", **_opt("auto: chat template for instruct models, the paper's prompt "
+                                               "otherwise", choices=PROMPT_STYLES))
+    batch_size: int = field(default=8, **_opt("responses per generation/capture batch"))
+    n_boot: int = field(default=2000, **_opt("bootstrap resamples for the 95% intervals"))
+    k: int = field(default=3, **_opt("perturbation: top-k and bottom-k FAI positions"))
+    alternatives: int = field(default=3, **_opt("perturbation: forced alternatives per position"))
+    min_after: int = field(default=10, **_opt("perturbation: skip positions this close to the end"))
+    dtype: str = field(default="auto", **_opt("analysis dtype (auto: float32 on CPU, bfloat16 on CUDA)"))
+    perturb_dtype: str = field(default="auto", **_opt("perturbation dtype (see `perturb --dtype`)"))
+    device: str | None = field(default=None, **_opt("cpu or cuda (none: cuda when available)"))
+    threads: int | None = field(default=None, **_opt("torch CPU threads (1 on a shared machine; none: torch's "
+                                                     "default)"))
+    command_line: str | None = field(default=None, metadata=dict(cli=False))
+    """The command that ran this (for the report); None from Python."""
+
+    def validate(self) -> None:
+        if self.n < 1:
+            raise UserError(f"--n must be at least 1 (got {self.n}): there is nothing to reproduce")
 
 
-def run_reproduction(args) -> dict:
+def run_reproduction(settings: ReproduceSettings) -> dict:
     """The whole job; returns the reproduction.json content."""
     import torch
 
-    from attnrhythm.models import load_model
-    from attnrhythm.studies.report import atomic_write_text, machine_info, to_json
+    from attnrhythm import models
+    from attnrhythm.studies.report import machine_info
 
+    args = settings
+    args.validate()
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.command_line = command_line(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     loaded = {}
 
     def load():  # the analysis model, loaded once and only when something must be computed
         if not loaded:
-            loaded["pair"] = load_model(args.model, dtype=args.dtype, device=args.device)
+            loaded["pair"] = models.load_model(args.model, dtype=args.dtype, device=args.device)
         return loaded["pair"]
 
     run, records, table2 = ensure_analysis(args, load)
@@ -364,37 +369,36 @@ def run_reproduction(args) -> dict:
     ranges = layer_range_tables(args, run, records, table2, load)
     rows = claims(table2, table1, ranges)
     figures = write_figures(out / "figures", table1, ranges)
-    settings = run["settings"]
+    saved = run["settings"]
     meta = {
-        "model": settings["model"], "data": settings["data"],
+        "model": saved["model"], "data": saved["data"],
         "problems": f"{len(records)} (analysis), {table1['n_problems']} (perturbation)",
-        "seeds": f"problem sample and sampling seed {settings['seed']}; bootstrap seed {settings['seed']} "
-                 f"({settings.get('n_boot')} resamples over problems)",
-        "analysis": f"sampling T = {settings['temperature']}, up to {settings['max_new_tokens']} new tokens, "
+        "seeds": f"problem sample and sampling seed {saved['seed']}; bootstrap seed {saved['seed']} "
+                 f"({saved.get('n_boot')} resamples over problems)",
+        "analysis": f"sampling T = {saved['temperature']}, up to {saved['max_new_tokens']} new tokens, "
                     f"prompt {run.get('prompt_style')}, layers {run.get('layers')}, FAI horizon "
                     f"{run['config']['fai_horizon']}, receiver heads calibrated on this run",
         "perturbation": f"greedy, up to {table1['settings']['max_new_tokens']} new tokens, k = "
                         f"{table1['settings']['k']}, {table1['settings']['alternatives']} alternatives, positions "
                         f"at least {table1['settings']['min_after']} tokens before the end, dtype "
                         f"{table1['settings']['dtype']}",
-        "command": f"`{args.command_line}`",
+        "command": f"`{args.command_line or '(python API)'}`",
         "machine": json.dumps(machine_info(loaded["pair"][0] if loaded else None)),
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    atomic_write_text(out / "REPRODUCTION.md", render_markdown(meta, rows, table2, table1, ranges, figures))
+    io.write_text(out / "REPRODUCTION.md", render_markdown(meta, rows, table2, table1, ranges, figures))
     result = dict(meta=meta, claims=rows, table2=table2, table1={k: v for k, v in table1.items() if k != "machine"},
                   layer_ranges=ranges, figures=figures)
-    atomic_write_text(out / "reproduction.json", to_json(result))
+    io.write_json(out / "reproduction.json", result)
     return result
 
 
-def run(args) -> int:
-    try:
-        result = run_reproduction(args)
-    except (ValueError, FileNotFoundError, ImportError, OSError, MemoryError) as err:
-        print(f"attnrhythm reproduce: error: {err}", file=sys.stderr)
-        return 2
-    for row in result["claims"]:
-        print(f"  {row['verdict']:>15}  {row['table']}: {row['claim']}")
-    print(f"wrote {Path(args.out) / 'REPRODUCTION.md'}")
+SETTINGS = ReproduceSettings
+
+
+def command(settings: ReproduceSettings, command_line: str | None = None) -> int:
+    settings.command_line = command_line
+    result = run_reproduction(settings)
+    log.emit("\n".join(f"  {row['verdict']:>15}  {row['table']}: {row['claim']}" for row in result["claims"]))
+    logger.info(f"wrote {Path(settings.out) / 'REPRODUCTION.md'}")
     return 0

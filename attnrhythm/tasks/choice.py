@@ -1,4 +1,4 @@
-"""Single-choice questions (CrossThink-QA style, METHOD.md section 7).
+"""Single-choice questions (CrossThink-QA style, docs/method.md section 7).
 
 Options are labelled A..J (4 to 10 in CrossThink-QA); the model reasons and puts the option letter
 in ``\\boxed{}``; a response is correct when the extracted letter equals the gold letter.
@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from attnrhythm.tasks.math import extract_boxed
+from attnrhythm.errors import UserError
 
 LETTERS = "ABCDEFGHIJ"
 # Wrappers models put around a letter: \text{A}, \textbf{A}, \mathrm{A}, ...; one level unwrapped.
@@ -44,19 +45,24 @@ def _normalize_gold(gold_letter: str) -> str | None:
     return text if len(text) == 1 and text in LETTERS else None
 
 
+def verify_choice(completion: str, gold_letter: str) -> float:
+    """1.0 when the boxed letter of ``completion`` equals ``gold_letter``, else 0.0."""
+    gold = _normalize_gold(gold_letter)
+    return 1.0 if gold is not None and extract_choice_letter(completion) == gold else 0.0
+
+
 def score_choice(completion: str, gold_letter: str) -> float:
-    """1.0 when the boxed letter of ``completion`` equals ``gold_letter``, else 0.0; never raises."""
+    """``verify_choice`` that never raises (a verifier exception scores 0.0)."""
     try:
-        gold = _normalize_gold(gold_letter)
-        return 1.0 if gold is not None and extract_choice_letter(completion) == gold else 0.0
-    except Exception:  # a reward must never crash training
+        return verify_choice(completion, gold_letter)
+    except Exception:
         return 0.0
 
 
 def choice_prompt(question: str, options: list[str]) -> str:
     """The question followed by its options labelled A.., and the request for a boxed letter."""
     if not 2 <= len(options) <= len(LETTERS):
-        raise ValueError(f"need 2..{len(LETTERS)} options, got {len(options)}")
+        raise UserError(f"need 2..{len(LETTERS)} options, got {len(options)}")
     listed = "\n".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(options))
     last = LETTERS[len(options) - 1]
     return (
@@ -82,19 +88,19 @@ def load_choice_jsonl(path: str | Path) -> list[dict]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
+                raise UserError(f"{where}: not valid JSON ({exc.msg})") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object")
+                raise UserError(f"{where}: expected a JSON object")
             question, options = record.get("question"), record.get("options")
             if not isinstance(question, str) or not question.strip():
-                raise ValueError(f"{where}: missing 'question' string")
+                raise UserError(f"{where}: missing 'question' string")
             if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
-                raise ValueError(f"{where}: 'options' must be a list of strings")
+                raise UserError(f"{where}: 'options' must be a list of strings")
             if not 2 <= len(options) <= len(LETTERS):
-                raise ValueError(f"{where}: need 2..{len(LETTERS)} options, got {len(options)}")
+                raise UserError(f"{where}: need 2..{len(LETTERS)} options, got {len(options)}")
             gold = _normalize_gold(record.get("answer", ""))
             if gold is None or LETTERS.index(gold) >= len(options):
-                raise ValueError(f"{where}: 'answer' must be one of the option letters")
+                raise UserError(f"{where}: 'answer' must be one of the option letters")
             rows.append({"id": str(record.get("id", f"{path.stem}-{lineno}")),
                          "question": question, "options": options, "gold": gold})
     return rows

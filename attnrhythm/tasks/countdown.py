@@ -1,7 +1,7 @@
 """Countdown (TinyZero, Pan et al. 2025): instances, exact solver, prompts and reward.
 
 The model gets 3 or 4 integers and a target and must write an arithmetic expression that uses
-every given number exactly once with + - * / and parentheses (METHOD.md section 7).  The reward
+every given number exactly once with + - * / and parentheses (docs/method.md section 7).  The reward
 follows TinyZero's ``compute_score``: no ``<answer>`` block -> 0.0; an answer block whose numbers
 are not exactly the given multiset, or whose expression is invalid or misses the target -> 0.1
 (format credit); the expression equals the target within 1e-5 -> 1.0.  Unlike the reference the
@@ -16,6 +16,7 @@ from fractions import Fraction
 from typing import Sequence
 
 from attnrhythm.tasks.safe_eval import InvalidExpression, evaluate, numbers_in
+from attnrhythm.errors import UserError
 
 FORMAT_SCORE = 0.1
 """TinyZero's credit for a well-formed answer block that is wrong."""
@@ -93,7 +94,7 @@ def generate_countdown(
     never share an instance.  Raises ValueError when the space is too small to give ``n``.
     """
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+        raise UserError(f"split must be 'train' or 'test', not {split!r}")
     counts = (n_numbers,) if isinstance(n_numbers, int) else tuple(n_numbers)
     lo, hi = target_range
     rng = random.Random(f"countdown:{seed}:{split}")
@@ -112,7 +113,7 @@ def generate_countdown(
         seen.add(key)
         out.append(CountdownInstance(tuple(numbers), target))
     if len(out) < n:
-        raise ValueError(f"could only generate {len(out)} of {n} distinct {split} instances")
+        raise UserError(f"could only generate {len(out)} of {n} distinct {split} instances")
     return out
 
 
@@ -124,7 +125,7 @@ def solve_countdown(numbers: Sequence[int], target: int) -> str | None:
     memoised.  At most MAX_SOLVER_NUMBERS numbers (the search is exponential).
     """
     if not 1 <= len(numbers) <= MAX_SOLVER_NUMBERS:
-        raise ValueError(f"solve_countdown takes 1..{MAX_SOLVER_NUMBERS} numbers")
+        raise UserError(f"solve_countdown takes 1..{MAX_SOLVER_NUMBERS} numbers")
     goal = Fraction(target)
     failed: set[tuple[Fraction, ...]] = set()
 
@@ -177,7 +178,7 @@ def countdown_prompt(inst: CountdownInstance, template: str = "base") -> str | l
         return _BASE_PREFIX + request + _BASE_SUFFIX
     if template == "chat":
         return [{"role": "user", "content": request}]
-    raise ValueError(f"template must be 'base' or 'chat', not {template!r}")
+    raise UserError(f"template must be 'base' or 'chat', not {template!r}")
 
 
 def last_answer(completion: str) -> str | None:
@@ -194,18 +195,24 @@ def last_answer(completion: str) -> str | None:
     return completion[start + len(_ANSWER_OPEN) : end]
 
 
-def score_countdown(completion: str, numbers: Sequence[int], target: int) -> float:
-    """TinyZero's Countdown reward (0.0, 0.1 or 1.0) for ``completion``; never raises."""
+def verify_countdown(completion: str, numbers: Sequence[int], target: int) -> float:
+    """TinyZero's Countdown reward (0.0, 0.1 or 1.0) for ``completion``; an exception other than
+    an invalid expression is the verifier failing and propagates (the trainer counts it)."""
+    answer = last_answer(completion) if isinstance(completion, str) else None
+    if answer is None:
+        return 0.0
     try:
-        answer = last_answer(completion) if isinstance(completion, str) else None
-        if answer is None:
-            return 0.0
-        try:
-            if sorted(numbers_in(answer)) != sorted(int(x) for x in numbers):
-                return FORMAT_SCORE
-            value = evaluate(answer)
-        except InvalidExpression:
+        if sorted(numbers_in(answer)) != sorted(int(x) for x in numbers):
             return FORMAT_SCORE
-        return 1.0 if abs(float(value - Fraction(target))) < 1e-5 else FORMAT_SCORE
-    except Exception:  # a reward must never crash training: malformed inputs score as format only
+        value = evaluate(answer)
+    except InvalidExpression:
+        return FORMAT_SCORE
+    return 1.0 if abs(float(value - Fraction(target))) < 1e-5 else FORMAT_SCORE
+
+
+def score_countdown(completion: str, numbers: Sequence[int], target: int) -> float:
+    """``verify_countdown`` that never raises: malformed inputs score as format only."""
+    try:
+        return verify_countdown(completion, numbers, target)
+    except Exception:
         return FORMAT_SCORE if isinstance(completion, str) and _ANSWER_CLOSE in completion else 0.0

@@ -1,4 +1,4 @@
-"""Math answers: ``\\boxed{}`` extraction and math-verify scoring (METHOD.md section 7).
+"""Math answers: ``\\boxed{}`` extraction and math-verify scoring (docs/method.md section 7).
 
 Reference scoring: keep the text after the last ``</think>``, take the last brace-balanced
 ``\\boxed{...}``, and compare it with the gold answer by ``math_verify.verify(gold, pred)`` (gold
@@ -106,34 +106,44 @@ def _normalize(answer: str) -> str:
     return "".join(answer.split())
 
 
-def score_math(completion: str, gold: str, timeout_s: int | None = DEFAULT_TIMEOUT_S) -> float:
+def verify_math(completion: str, gold: str, timeout_s: int | None = DEFAULT_TIMEOUT_S) -> float:
     """1.0 when the last boxed answer of ``completion`` is equivalent to ``gold``, else 0.0.
 
     ``gold`` is a short LaTeX or plain answer (``"0.5"``, ``"\\frac{1}{2}"``, ``"18"``); both
     sides are parsed as ``\\boxed{...}`` by math-verify.  ``timeout_s`` applies per parse and per
-    comparison in the main thread only (see the module docstring).  Never raises.
+    comparison in the main thread only (see the module docstring); a timeout scores 0.0.  Any
+    other exception is the verifier failing and propagates (the trainer counts it).
     """
-    try:
-        pred = extract_boxed(completion)
-        if pred is None or not pred or len(pred) > MAX_ANSWER_CHARS:
-            return 0.0
-        gold = str(gold).strip()
-        if _normalize(pred) == _normalize(gold):
-            return 1.0  # identical text needs no sympy (and survives the explosive guard)
-        if _explosive(pred):
-            return 0.0
-        from math_verify import parse, verify  # heavy import (sympy): only when scoring
+    pred = extract_boxed(completion)
+    if pred is None or not pred or len(pred) > MAX_ANSWER_CHARS:
+        return 0.0
+    gold = str(gold).strip()
+    if _normalize(pred) == _normalize(gold):
+        return 1.0  # identical text needs no sympy (and survives the explosive guard)
+    if _explosive(pred):
+        return 0.0
+    from math_verify import parse, verify  # heavy import (sympy): only when scoring
 
-        in_main = threading.current_thread() is threading.main_thread()
-        limit = timeout_s if in_main else None
+    in_main = threading.current_thread() is threading.main_thread()
+    limit = timeout_s if in_main else None
+    try:
         gold_parsed = parse("\\boxed{" + gold + "}", parsing_timeout=limit)
         pred_parsed = parse("\\boxed{" + pred + "}", parsing_timeout=limit)
         if not gold_parsed or not pred_parsed:
             return 0.0
         return 1.0 if verify(gold_parsed, pred_parsed, timeout_seconds=limit) else 0.0
     except BaseException as exc:  # math-verify's TimeoutException derives from BaseException
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise
+        if "Timeout" in type(exc).__name__:
+            return 0.0
+        raise
+
+
+def score_math(completion: str, gold: str, timeout_s: int | None = DEFAULT_TIMEOUT_S) -> float:
+    """``verify_math`` that never raises: a verifier exception scores 0.0 (for callers that
+    cannot count errors; the trainer and `eval` use ``verify_math`` and count them)."""
+    try:
+        return verify_math(completion, gold, timeout_s)
+    except Exception:
         return 0.0
 
 

@@ -1,7 +1,7 @@
 """Safe arithmetic evaluation of untrusted, model-generated expressions.
 
 The Countdown reference (TinyZero) runs Python ``eval`` on the model's answer after a character
-whitelist; this project never executes model text (METHOD.md section 7).  Instead a tiny tokenizer
+whitelist; this project never executes model text (docs/method.md section 7).  Instead a tiny tokenizer
 and recursive-descent parser evaluate the grammar
 
     expr    := term (('+' | '-') term)*

@@ -1,4 +1,4 @@
-"""GRPO with rhythm credit on TRL (METHOD.md sections 4 and 6).
+"""GRPO with rhythm credit on TRL (docs/method.md sections 4 and 6).
 
 ``trainer`` holds the GRPOTrainer subclass, ``config`` the run config, ``run`` the `train`
 command; ``sft`` (warm start) and ``evaluate`` (the `eval` command) sit beside them.  Imports are

@@ -4,20 +4,20 @@ Resolution order (later wins): dataclass defaults < ``DIR/config.yaml`` of a res
 ``--config run.yaml`` < command-line flags.  The resolved config is written to
 ``DIR/config.yaml`` and can be passed back with ``--config``.
 
-Defaults follow the paper (METHOD.md sections 4 and 6) and are set explicitly even where they
+Defaults follow the paper (docs/method.md sections 4 and 6) and are set explicitly even where they
 equal TRL 1.16's own, so that a TRL upgrade that moves a default does not move our runs.  Where
 TRL's default differs, ``to_grpo_config`` says so next to the value (see docs/training.md).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, fields
 
-import yaml
-
+from attnrhythm import io
 from attnrhythm.core.config import RhythmConfig
+from attnrhythm.core.credit import CREDIT_NAMES, get_credit
+from attnrhythm.errors import MissingInput, UserError, closest
 
-CREDITS = ("none", "random", "entropy", "local", "global", "coupled", "high-entropy-selection")
+CREDITS = CREDIT_NAMES  # the registry's names (attnrhythm.core.credit.CREDITS)
 _RHYTHM_FIELDS = {f.name for f in fields(RhythmConfig)}
 
 
@@ -36,7 +36,7 @@ class TrainConfig:
     reward_function: str | None = None
     """'module:function', a TRL reward function used instead of the task's scorer (shaping experiments, tests)."""
 
-    # credit (METHOD.md section 4)
+    # credit (docs/method.md section 4)
     credit: str = "coupled"
     rhythm: RhythmConfig = field(default_factory=RhythmConfig)
     """q, amp, k, alpha, sign, selection, head_mode, layers, window, fai_horizon, ..."""
@@ -47,7 +47,7 @@ class TrainConfig:
     capture_with_none: bool = False
     """Run the attention pass also for credit='none' (to log head groups and its cost; gamma stays 1)."""
 
-    # GRPO and optimisation: the paper's settings (METHOD.md section 6)
+    # GRPO and optimisation: the paper's settings (docs/method.md section 6)
     num_generations: int = 8
     per_device_batch: int = 8
     steps_per_generation: int = 16
@@ -90,15 +90,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.rhythm, dict):
             self.rhythm = RhythmConfig.from_dict(self.rhythm)
-        if self.credit not in CREDITS:
-            raise ValueError(f"credit must be one of {', '.join(CREDITS)}; got {self.credit!r}")
+        get_credit(self.credit)  # an unknown name is a UserError naming the closest one
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+            raise UserError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if self.head_refresh_steps < 1:
-            raise ValueError(f"head_refresh_steps must be >= 1, got {self.head_refresh_steps}")
+            raise UserError(f"head_refresh_steps must be >= 1, got {self.head_refresh_steps}")
         clash = set(self.trl) & ({f.name for f in fields(self)} | set(_MANAGED))
         if clash:
-            raise ValueError(f"trl: {sorted(clash)} are set by TrainConfig fields; set them there instead")
+            raise UserError(f"trl: {sorted(clash)} are set by TrainConfig fields; set them there instead")
 
     # ------------------------------------------------------------------ dict / YAML
     def to_dict(self) -> dict:
@@ -117,7 +116,10 @@ class TrainConfig:
         mine = {f.name for f in fields(self)}
         unknown = set(changes) - mine - _RHYTHM_FIELDS
         if unknown:
-            raise ValueError(f"unknown config fields {sorted(unknown)}; known: {sorted(mine | _RHYTHM_FIELDS)}")
+            known = sorted(mine | _RHYTHM_FIELDS)
+            hints = [f"{name!r} (did you mean {closest(name, known)!r}?)" if closest(name, known) else repr(name)
+                     for name in sorted(unknown)]
+            raise UserError(f"unknown config fields: {', '.join(hints)}; known: {', '.join(known)}")
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         rhythm = self.rhythm.to_dict()
         for key, value in {**(changes.get("rhythm") or {}),
@@ -134,25 +136,30 @@ def _coerce(name: str, current, value):
         try:
             return type(current)(float(value)) if isinstance(current, float) else int(value)
         except ValueError:
-            raise ValueError(f"config field {name!r} must be a number, got {value!r}") from None
+            raise UserError(f"config field {name!r} must be a number, got {value!r}") from None
     return value
 
 
-def load_yaml(path: str) -> dict:
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+def load_yaml(path) -> dict:
+    """The mapping of a YAML config file; a missing file or bad YAML is a UserError."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise MissingInput(f"config file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"{path} is not valid YAML: {str(err).splitlines()[0]} "
+                        f"({' '.join(str(err).split()[1:])[:120]})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping of config fields, got {type(data).__name__}")
+        raise UserError(f"{path} must hold a mapping of config fields, got {type(data).__name__}")
     return data
 
 
-def save_yaml(config: TrainConfig, path: str) -> None:
+def save_yaml(config: TrainConfig, path) -> None:
     """Write atomically: a killed run never leaves half a config behind."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write("# attnrhythm train: the full resolved config (pass back with --config)\n")
-        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
-    os.replace(tmp, path)
+    io.write_yaml(path, config.to_dict(), header="# attnrhythm train: the full resolved config (pass back with --config)\n")
 
 
 # GRPOConfig fields that TrainConfig sets itself (so `trl:` must not)

@@ -13,81 +13,51 @@ the metrics and every problem's scores and completions.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
+from dataclasses import dataclass, field
 
-import torch
+from tqdm.auto import tqdm
 
-from attnrhythm.tasks import get_task
+from attnrhythm import generation, io, log
+from attnrhythm.errors import UserError
+from attnrhythm.tasks import get_task, score_completions
 
-
-def _prompt_text(tokenizer, prompt) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    """Every id that ends a completion: the tokenizer's eos and the model's generation eos."""
-    ids = {tokenizer.eos_token_id}
-    extra = getattr(model.generation_config, "eos_token_id", None)
-    ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
-    return sorted(i for i in ids if i is not None)
+logger = log.get_logger(__name__)
 
 
-@torch.no_grad()
 def generate(model, tokenizer, prompts: list, samples: int = 1, temperature: float | None = None,
              max_new_tokens: int = 256, batch_size: int = 32, seed: int = 0,
              progress: bool = False) -> tuple[list[list[str]], list[list[int]]]:
-    """``samples`` completions per prompt (texts, token counts), batched with left padding.
+    """``samples`` completions per prompt (texts, token counts incl. a final eos), batched.
 
     Greedy when temperature is None or 0 (then samples must be 1); otherwise pure temperature
-    sampling (top_k=0, top_p=1: nothing truncated, as GRPO rollouts sample), seeded once.
+    sampling (nothing truncated, as GRPO rollouts sample), each completion from its own
+    generator seeded by the seed, the prompt and the sample's index (``generation.row_seed``):
+    the same completions whatever the batch size.
     """
-    from transformers import GenerationConfig
-
     greedy = not temperature
     if greedy and samples > 1:
-        raise ValueError("greedy decoding gives the same completion k times: give a temperature for samples > 1")
-    eos = _eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy, num_return_sequences=samples,
-                              eos_token_id=eos, pad_token_id=pad,
-                              **({} if greedy else {"temperature": float(temperature), "top_k": 0, "top_p": 1.0}))
-    device = next(model.parameters()).device
-    per_batch = max(1, batch_size // samples)  # problems per generate call
-    texts, lengths = [], []
-    torch.manual_seed(seed)
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # completions must start at one column
-    was_training = model.training
-    model.eval()
-    t0 = time.time()
+        raise UserError("greedy decoding gives the same completion k times: give a temperature for samples > 1")
+    stops = generation.stop_token_ids(model, tokenizer)
+    encoded = [generation.encode_prompt(tokenizer, p) for p in prompts]
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(samples)]
+    texts = [[""] * samples for _ in prompts]
+    lengths = [[0] * samples for _ in prompts]
+    bar = tqdm(total=len(jobs), unit="completion", desc="eval", disable=not progress)
     try:
-        for i in range(0, len(prompts), per_batch):
-            chunk = [_prompt_text(tokenizer, p) for p in prompts[i : i + per_batch]]
-            # chat text already carries its special tokens; base text is tokenised as TRL does
-            enc = tokenizer(chunk, return_tensors="pt", padding=True,
-                            add_special_tokens=isinstance(prompts[i], str)).to(device)
-            out = model.generate(**enc, generation_config=config)[:, enc["input_ids"].shape[1] :]
-            for j in range(0, out.shape[0], samples):
-                rows = out[j : j + samples]
-                texts.append(tokenizer.batch_decode(rows, skip_special_tokens=True))
-                lengths.append([_length(r, eos) for r in rows.tolist()])
-            if progress:
-                print(f"  generated {len(texts)}/{len(prompts)} problems  {time.time() - t0:.0f}s", flush=True)
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start:start + batch_size]
+            seeds = [generation.row_seed(seed, f"{generation.prompt_text(tokenizer, prompts[i])}|{j}") for i, j in chunk]
+            rows = generation.generate(model, [encoded[i] for i, _ in chunk], [max_new_tokens] * len(chunk), stops,
+                                       temperature=temperature or 0.0, seeds=seeds)
+            for (i, j), row in zip(chunk, rows):
+                texts[i][j] = tokenizer.decode(row, skip_special_tokens=True)
+                lengths[i][j] = len(row)
+            bar.update(len(chunk))
     finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
+        bar.close()
     return texts, lengths
-
-
-def _length(ids: list[int], eos: list[int]) -> int:
-    """Generated tokens up to and including the first eos (all of them when none: truncated)."""
-    for n, t in enumerate(ids):
-        if t in eos:
-            return n + 1
-    return len(ids)
 
 
 def summarize(scores: list[list[float]], lengths: list[list[int]] | None = None,
@@ -121,8 +91,8 @@ def evaluate(model, tokenizer, task, n: int = 512, samples: int = 1, temperature
     so two models evaluated with the same arguments see the same problems.  Returns
     ``{"settings": ..., "metrics": ..., "problems": [{task fields, "scores", "completions"}]}``.
     """
-    if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
+    if samples < 1 or (n is not None and n < 1):
+        raise UserError(f"samples and n must be >= 1, got samples={samples}, n={n}")
     if samples > 1 and not temperature:
         temperature = 1.0  # avg@k needs sampling; 1.0 is the paper's sampling temperature
     task = get_task(task, template) if isinstance(task, str) else task
@@ -130,14 +100,22 @@ def evaluate(model, tokenizer, task, n: int = 512, samples: int = 1, temperature
     t0 = time.time()
     texts, lengths = generate(model, tokenizer, [r["prompt"] for r in rows], samples, temperature,
                               max_new_tokens, batch_size, seed, progress)
-    scores = [[float(task.score(c, row)) for c in completions] for completions, row in zip(texts, rows)]
+    scores, errors = [], []
+    for completions, row in zip(texts, rows):
+        rewards, failed = score_completions(task, completions, [row] * len(completions))
+        scores.append(rewards)
+        errors += failed
+    if errors:
+        logger.warning(f"the {task.name} verifier failed on {len(errors)} completions (scored 0); first: {errors[0]}")
+        if len(errors) == sum(map(len, texts)):
+            raise RuntimeError(f"the {task.name} verifier failed on every completion; first error: {errors[0]}")
     settings = {"task": task.name, "template": template, "split": split, "n": len(rows), "samples": samples,
                 "temperature": temperature, "greedy": not temperature, "max_new_tokens": max_new_tokens,
                 "batch_size": batch_size, "seed": seed}
     problems = [{**{k: v for k, v in row.items() if k != "prompt"}, "scores": s, "completions": c}
                 for row, s, c in zip(rows, scores, texts)]
     return {"settings": settings, "metrics": summarize(scores, lengths, max_new_tokens),
-            "seconds": time.time() - t0, "problems": problems}
+            "verifier_errors": len(errors), "seconds": time.time() - t0, "problems": problems}
 
 
 # ----------------------------------------------------------------------------- command line
@@ -150,15 +128,6 @@ def resolve_model_dir(path: str) -> str:
         if steps:
             return os.path.join(path, f"checkpoint-{max(steps)}")
     return path
-
-
-def write_json(path: str, data: dict) -> None:
-    """Atomic: a reader (or `attnrhythm plot`) never sees half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
 
 
 def format_table(results: list[dict]) -> str:
@@ -174,36 +143,58 @@ def format_table(results: list[dict]) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def configure_parser(p) -> None:
-    p.add_argument("--model", default="smollm2-135m",
-                   help="embedded name (smollm2-135m), model folder, run folder (latest checkpoint) or hub id")
-    p.add_argument("--task", default="countdown", help="countdown, countdown-easy, gsm8k, math-jsonl:PATH, ...")
-    p.add_argument("--template", default="base", choices=["base", "chat"])
-    p.add_argument("--n", type=int, default=512, help="test problems (the paper's Countdown test set: 512)")
-    p.add_argument("--samples", type=int, default=1, help="completions per problem: 1 = pass@1, k = avg@k and pass@k")
-    p.add_argument("--temperature", type=float, default=None,
-                   help="sampling temperature; default greedy for --samples 1, 1.0 for --samples > 1")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per generate call")
-    p.add_argument("--seed", type=int, default=0, help="draws the test problems and seeds sampling")
-    p.add_argument("--split", default="test", choices=["test", "train"])
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU, else float32), float32, bfloat16")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--step", type=int, default=None, help="training step of this model, recorded for `plot`")
-    p.add_argument("--out", default=None, help="write the JSON result here (e.g. RUN_DIR/eval.json)")
+def _opt(help_text: str, **meta):
+    return dict(metadata=dict(help=help_text, **meta))
 
 
-def run(args) -> int:
-    from attnrhythm.models import load_model
+@dataclass
+class EvalSettings:
+    """Everything an `eval` run needs."""
 
-    path = resolve_model_dir(args.model)
-    model, tokenizer = load_model(path, dtype=args.dtype, device=args.device)
-    result = evaluate(model, tokenizer, args.task, n=args.n, samples=args.samples, temperature=args.temperature,
-                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-                      template=args.template, split=args.split, progress=True)
-    result = {"model": args.model, "model_path": path, "step": args.step, **result}
-    if args.out:
-        write_json(args.out, result)
-    print(format_table([result]))
-    print(f"{result['seconds']:.0f}s" + (f"; wrote {args.out}" if args.out else ""))
+    model: str = field(default="smollm2-135m", **_opt("embedded name (smollm2-135m), model folder, run folder "
+                                                      "(its latest checkpoint) or hub id"))
+    task: str = field(default="countdown", **_opt("countdown, countdown-easy, gsm8k, math-jsonl:PATH, choice-jsonl:PATH"))
+    template: str = field(default="base", **_opt("prompt template: plain text or chat messages", choices=("base", "chat")))
+    n: int = field(default=512, **_opt("test problems (the paper's Countdown test set: 512)"))
+    samples: int = field(default=1, **_opt("completions per problem: 1 = pass@1, k = avg@k and pass@k"))
+    temperature: float | None = field(default=None, **_opt("sampling temperature (none: greedy for --samples 1, "
+                                                           "1.0 for --samples > 1)"))
+    max_new_tokens: int = field(default=256, **_opt("tokens per completion at most"))
+    batch_size: int = field(default=32, **_opt("completions generated together"))
+    seed: int = field(default=0, **_opt("draws the test problems and seeds sampling"))
+    split: str = field(default="test", **_opt("which split to draw from", choices=("test", "train")))
+    dtype: str = field(default="auto", **_opt("auto (bfloat16 on a GPU, else float32), float32, bfloat16"))
+    device: str | None = field(default=None, **_opt("cuda or cpu (none: cuda when available)"))
+    step: int | None = field(default=None, **_opt("training step of this model, recorded for `plot`"))
+    out: str | None = field(default=None, **_opt("write the JSON result here (e.g. RUN_DIR/eval.json)"))
+
+
+SETTINGS = EvalSettings
+
+
+def run_evaluation(settings: EvalSettings) -> dict:
+    """`attnrhythm eval` from Python: checks the task, the model and the numbers before loading
+    the model; returns (and with ``out`` writes) the result."""
+    from attnrhythm import models
+
+    if settings.samples < 1 or settings.n < 1:
+        raise UserError(f"--samples and --n must be at least 1, got {settings.samples} and {settings.n}")
+    task = get_task(settings.task, settings.template)
+    path = resolve_model_dir(settings.model)
+    models.check_model(path)
+    model, tokenizer = models.load_model(path, dtype=settings.dtype, device=settings.device)
+    result = evaluate(model, tokenizer, task, n=settings.n, samples=settings.samples,
+                      temperature=settings.temperature, max_new_tokens=settings.max_new_tokens,
+                      batch_size=settings.batch_size, seed=settings.seed, template=settings.template,
+                      split=settings.split, progress=True)
+    result = {"model": settings.model, "model_path": path, "step": settings.step, **result}
+    if settings.out:
+        io.write_json(settings.out, result)
+    return result
+
+
+def command(settings: EvalSettings, command_line: str | None = None) -> int:
+    result = run_evaluation(settings)
+    log.emit(format_table([result]))
+    logger.info(f"{result['seconds']:.0f}s" + (f"; wrote {settings.out}" if settings.out else ""))
     return 0

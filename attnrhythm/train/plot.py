@@ -5,7 +5,7 @@
 Each run folder holds ``metrics.jsonl`` (one JSON object per logging step, with ``step`` and
 numeric metrics, as the trainer writes it) and optionally ``eval*.json`` (``attnrhythm eval
 --out``).  Every requested metric gets one panel; each run is drawn raw (thin) and smoothed as the
-paper's running peak (METHOD.md section 6)
+paper's running peak (docs/method.md section 6)
 
     EMA_t = a * max(x_t, EMA_{t-1}) + (1 - a) * EMA_{t-1}
 
@@ -16,18 +16,24 @@ Missing metrics are skipped with a note, never an error: runs log different keys
 from __future__ import annotations
 
 import glob
-import json
+from io import BytesIO
 import math
 import os
+from dataclasses import dataclass, field
 
 import yaml
+
+from attnrhythm import io, log
+from attnrhythm.errors import UserError
+
+logger = log.get_logger(__name__)
 
 
 def running_peak(xs, a: float = 0.1) -> list[float]:
     """The paper's smoothing; EMA_0 = x_0.  Non-finite values (missing logs) keep the previous
     value.  a = 0.1 is a **Decision** (the paper gives none); a = 1 is the running maximum."""
     if not 0 < a <= 1:
-        raise ValueError(f"a must be in (0, 1], got {a}")
+        raise UserError(f"a must be in (0, 1], got {a}")
     out, ema = [], math.nan
     for x in xs:
         x = float(x) if x is not None else math.nan
@@ -40,28 +46,17 @@ def running_peak(xs, a: float = 0.1) -> list[float]:
 
 # ----------------------------------------------------------------------------- reading runs
 def read_metrics(run_dir: str) -> list[dict]:
-    """The records of DIR/metrics.jsonl (lines cut by a killed run are skipped)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    records = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(record, dict) and "step" in record:
-                    records.append(record)
-    return records
+    """The records of DIR/metrics.jsonl (``io.read_jsonl``: a line cut by a killed run is skipped)."""
+    return [r for r in io.read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if isinstance(r, dict) and "step" in r]
 
 
 def read_evals(run_dir: str) -> list[dict]:
     evals = []
     for path in sorted(glob.glob(os.path.join(run_dir, "eval*.json"))):
         try:
-            with open(path) as f:
-                data = json.load(f)
-        except (OSError, json.JSONDecodeError):
+            data = io.read_json(path)
+        except UserError as err:  # a damaged eval file is skipped with a note, as a missing metric
+            logger.warning(f"note: {err} (skipped)")
             continue
         if isinstance(data.get("metrics"), dict):
             evals.append({**data, "file": os.path.basename(path)})
@@ -142,7 +137,7 @@ def plot_runs(run_dirs: list[str], metrics=("reward",), out: str = "curves.png",
                            edgecolor="black", zorder=3, label=None if xs else f"{name} (eval)")
                 entry["eval"] = [p[1] for p in points]
             if not xs and not points:
-                print(f"note: {run_dir} has no {metric!r} (skipped)")
+                log.emit(f"note: {run_dir} has no {metric!r} (skipped)")
     for ax, metric in zip(axes[0], metrics):
         ax.set_xlabel("step")
         ax.set_ylabel(metric)
@@ -153,33 +148,40 @@ def plot_runs(run_dirs: list[str], metrics=("reward",), out: str = "curves.png",
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp"  # atomic: a half-written image is never left behind
-    fig.savefig(tmp, dpi=120, format=os.path.splitext(out)[1][1:] or "png")
+    image = BytesIO()
+    fig.savefig(image, dpi=120, format=os.path.splitext(out)[1][1:] or "png")
     plt.close(fig)
-    os.replace(tmp, out)
+    io.write_bytes(out, image.getvalue())  # atomic: a half-written image is never left behind
     return summary
 
 
-def configure_parser(p) -> None:
-    p.add_argument("runs", nargs="+", metavar="DIR", help="run folders (metrics.jsonl, optional eval*.json)")
-    p.add_argument("--metric", nargs="+", default=["reward"],
-                   help="metric keys to plot, one panel each (reward, accuracy, loss, rhythm/gamma_mean, ...)")
-    p.add_argument("--out", default="curves.png", help="PNG to write")
-    p.add_argument("--alpha", type=float, default=0.1, help="running-peak smoothing a in (0, 1]")
-    p.add_argument("--title", default=None)
+@dataclass
+class PlotSettings:
+    """What `plot` draws."""
+
+    runs: list[str] = field(default_factory=list, metadata=dict(
+        positional=True, metavar="DIR", help="run folders (metrics.jsonl, optional eval*.json)"))
+    metric: list[str] = field(default_factory=lambda: ["reward"], metadata=dict(
+        help="metric keys to plot, one panel each (reward, accuracy, loss, rhythm/gamma_mean, ...)"))
+    out: str = field(default="curves.png", metadata=dict(help="PNG to write"))
+    alpha: float = field(default=0.1, metadata=dict(help="running-peak smoothing a in (0, 1]"))
+    title: str | None = field(default=None, metadata=dict(help="figure title"))
 
 
-def run(args) -> int:
-    missing = [d for d in args.runs if not os.path.isdir(d)]
+SETTINGS = PlotSettings
+
+
+def command(settings: PlotSettings, command_line: str | None = None) -> int:
+    missing = [d for d in settings.runs if not os.path.isdir(d)]
     if missing:
-        raise SystemExit(f"not a folder: {', '.join(missing)}")
-    summary = plot_runs(args.runs, args.metric, args.out, args.alpha, args.title)
+        raise UserError(f"not a folder: {', '.join(missing)}")
+    summary = plot_runs(settings.runs, settings.metric, settings.out, settings.alpha, settings.title)
+    lines = []
     for name, by_metric in summary.items():
         for metric, e in by_metric.items():
             parts = [f"last {e['last']:.4f}", f"peak(smoothed) {e['peak_smoothed']:.4f}"] if "last" in e else []
             parts += [f"eval {v:.4f}" for v in e.get("eval", [])]
             if parts:
-                print(f"{name:<28} {metric:<20} " + "  ".join(parts))
-    print(f"wrote {args.out}")
+                lines.append(f"{name:<28} {metric:<20} " + "  ".join(parts))
+    log.emit("\n".join(lines + [f"wrote {settings.out}"]))
     return 0

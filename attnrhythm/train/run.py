@@ -10,21 +10,24 @@ Multi-GPU: launch the same command with ``accelerate launch`` or ``torchrun`` (d
 """
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
 import os
 import re
-import sys
 
-from attnrhythm.train.config import CREDITS, TrainConfig, load_yaml, resolve_device, resolved, save_yaml, to_grpo_config
+from attnrhythm import io, log
+from attnrhythm.core.credit import CREDIT_NAMES
+from attnrhythm.errors import UserError
+from attnrhythm.train.config import TrainConfig, load_yaml, resolve_device, resolved, save_yaml, to_grpo_config
 
-# (flag, TrainConfig field, type, choices, help)
+logger = log.get_logger(__name__)
+
+# (flag, TrainConfig field, type, choices, help); the defaults shown come from TrainConfig
 FLAGS = [
-    ("--model", "model", str, None, "embedded name (smollm2-135m), local folder or hub id"),
+    ("--model", "model", str, None, "embedded name (smollm2-135m), local model folder or hub id"),
     ("--task", "task", str, None, "countdown, countdown-easy, gsm8k, math-jsonl:PATH, choice-jsonl:PATH"),
     ("--template", "template", str, ("base", "chat"), "prompt template: plain text or chat messages"),
     ("--out", "out", str, None, "run folder"),
-    ("--credit", "credit", str, CREDITS, "credit strategy (none = plain GRPO)"),
+    ("--credit", "credit", str, CREDIT_NAMES, "credit strategy (none = plain GRPO)"),
     ("--selection", "selection", str, ("top", "bottom"), "TopQ or the bottom-q ablation"),
     ("--q", "q", float, None, "share of response tokens selected (paper: 0.4)"),
     ("--amp", "amp", float, None, "gamma_amp of selected tokens (paper: 1.5)"),
@@ -39,7 +42,7 @@ FLAGS = [
     ("--max-completion-length", "max_completion_length", int, None, "tokens per completion"),
     ("--learning-rate", "learning_rate", float, None, "AdamW learning rate (paper: 1e-6)"),
     ("--max-steps", "max_steps", int, None, "optimizer steps"),
-    ("--train-size", "train_size", int, None, "training prompts (default: what max-steps consumes)"),
+    ("--train-size", "train_size", int, None, "training prompts (none: what max-steps consumes)"),
     ("--seed", "seed", int, None, "seed of data, sampling and credit"),
     ("--reward-function", "reward_function", str, None, "module:function, a TRL reward function replacing the task's"),
     ("--device", "device", str, None, "auto, cpu or cuda"),
@@ -51,19 +54,30 @@ FLAGS = [
 ]
 
 
-def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML with any TrainConfig field (flags given here override it)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue DIR's run from its last complete checkpoint (its config.yaml is the base)")
-    for flag, name, kind, choices, help_text in FLAGS:
-        if kind is bool:
-            p.add_argument(flag, dest=name, action="store_const", const=True, default=None, help=help_text)
-        else:  # default None: only flags actually given override the YAML
-            p.add_argument(flag, dest=name, type=kind, choices=choices, default=None, help=help_text)
+def _default(name: str):
+    config = TrainConfig()
+    return getattr(config, name) if hasattr(config, name) else getattr(config.rhythm, name)
+
+
+def _train_settings():
+    """The `train` command's settings: --config, --resume and one override per FLAGS row; every
+    override defaults to None (not given: the YAML or TrainConfig decides), its help shows the
+    value a bare `train` uses."""
+    specs = [("config", str | None, dataclasses.field(default=None, metadata=dict(
+                 help="YAML with any TrainConfig field (flags given here override it)"))),
+             ("resume", bool, dataclasses.field(default=False, metadata=dict(
+                 help="continue the --out run from its last complete checkpoint (its config.yaml is the base)")))]
+    for _, name, kind, choices, help_text in FLAGS:
+        specs.append((name, kind | None, dataclasses.field(default=None, metadata=dict(
+            help=help_text, choices=choices, shown_default=_default(name)))))
+    return dataclasses.make_dataclass("TrainSettings", specs)
+
+
+SETTINGS = TrainSettings = _train_settings()
 
 
 def _is_main() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    return log.is_main_process()
 
 
 def last_checkpoint(out: str) -> str | None:
@@ -82,8 +96,9 @@ def last_checkpoint(out: str) -> str | None:
     return max(found)[1] if found else None
 
 
-def resolve(args: argparse.Namespace) -> tuple[TrainConfig, str | None]:
-    """(config, checkpoint to resume from): defaults < DIR/config.yaml (--resume) < --config < flags."""
+def resolve(args) -> tuple[TrainConfig, str | None]:
+    """(config, checkpoint to resume from): defaults < DIR/config.yaml (--resume) < --config < flags.
+    ``args``: a TrainSettings (or any object with its attributes)."""
     flags = {name: getattr(args, name) for _, name, *_ in FLAGS if getattr(args, name, None) is not None}
     from_yaml = load_yaml(args.config) if getattr(args, "config", None) else {}
     out = flags.get("out") or from_yaml.get("out") or TrainConfig().out
@@ -94,20 +109,43 @@ def resolve(args: argparse.Namespace) -> tuple[TrainConfig, str | None]:
             config = config.update(load_yaml(saved))
         checkpoint = last_checkpoint(out)
     elif last_checkpoint(out) is not None:
-        raise SystemExit(f"{out} already holds checkpoints: pass --resume to continue that run, or choose another --out")
+        raise UserError(f"{out} already holds checkpoints: pass --resume to continue that run, or choose another --out")
     return config.update(from_yaml).update(flags), checkpoint
 
 
+def validate(config: TrainConfig) -> None:
+    """Everything a run needs that can be checked without loading a model: the task, the model
+    name or folder, the reward function.  Raises UserError before anything is written."""
+    from attnrhythm.models import check_model
+    from attnrhythm.tasks import get_task
+
+    get_task(config.task, config.template)
+    check_model(config.model)
+    if config.reward_function is not None:
+        load_function(config.reward_function)
+
+
 def task_reward(task):
-    """TRL reward function of a task; also logs accuracy (share of full-credit completions)."""
+    """TRL reward function of a task; also logs accuracy (share of full-credit completions) and
+    ``reward/errors`` (completions whose verifier raised; they score 0).  When the verifier fails
+    on every completion of a batch the run stops: training on all-zero rewards would be silent
+    garbage."""
     def task_reward(prompts, completions, log_metric=None, **columns):
-        rewards = []
-        for i, completion in enumerate(completions):
-            text = completion[-1]["content"] if isinstance(completion, list) else completion
-            row = {k: v[i] for k, v in columns.items() if isinstance(v, list) and len(v) == len(completions)}
-            rewards.append(float(task.score(text, row)))
+        from attnrhythm.tasks import score_completions
+
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        rows = [{k: v[i] for k, v in columns.items() if isinstance(v, list) and len(v) == len(completions)}
+                for i in range(len(completions))]
+        rewards, errors = score_completions(task, texts, rows)
+        if errors:
+            logger.warning(f"the {task.name} verifier failed on {len(errors)} of {len(texts)} completions "
+                           f"(scored 0); first: {errors[0]}")
+        if errors and len(errors) == len(texts):
+            raise RuntimeError(f"the {task.name} verifier failed on every completion of the batch ({len(errors)}); "
+                               f"first error: {errors[0]}")
         if log_metric is not None:
             log_metric("accuracy", sum(r >= 1.0 for r in rewards) / max(1, len(rewards)))
+            log_metric("reward/errors", float(len(errors)))
         return rewards
     return task_reward
 
@@ -118,24 +156,30 @@ def load_function(spec: str):
 
     module, _, name = spec.partition(":")
     if not module or not name:
-        raise ValueError(f"reward_function must look like 'module:function', got {spec!r}")
-    return getattr(importlib.import_module(module), name)
+        raise UserError(f"reward_function must look like 'module:function', got {spec!r}")
+    try:
+        found = getattr(importlib.import_module(module), name, None)
+    except ModuleNotFoundError as err:
+        if err.name != module.split(".")[0] and err.name != module:
+            raise  # the module exists but its own import is broken: a bug to see in full
+        raise UserError(f"reward_function {spec!r}: no module {module!r} on the Python path") from None
+    if found is None:
+        raise UserError(f"reward_function {spec!r}: {module} has no {name!r}")
+    return found
 
 
 def _warm_start(model, tokenizer, rows, config: TrainConfig) -> None:
-    try:
-        from attnrhythm.train.sft import warm_start
-    except ImportError as err:
-        raise SystemExit(f"--sft-warmup-steps needs attnrhythm.train.sft.warm_start, which is not available ({err})")
+    from attnrhythm.train.sft import warm_start
+
     device = resolve_device(config.device)
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     result = warm_start(model.to(device), tokenizer, rows, steps=config.sft_warmup_steps,
                         lr=config.sft_learning_rate, seed=config.seed)
     if _is_main():
-        with open(os.path.join(config.out, "sft_warmup.json"), "w") as f:
-            json.dump({k: v for k, v in result.items() if k != "losses"} | {"final_loss": result["losses"][-1]}, f)
-        print(f"warm start: {config.sft_warmup_steps} steps, final loss {result['losses'][-1]:.4f}", flush=True)
+        io.write_json(os.path.join(config.out, "sft_warmup.json"),
+                      {k: v for k, v in result.items() if k != "losses"} | {"final_loss": result["losses"][-1]})
+    logger.info(f"warm start: {config.sft_warmup_steps} steps, final loss {result['losses'][-1]:.4f}")
 
 
 def build_trainer(config: TrainConfig, resuming: bool = False):
@@ -152,8 +196,7 @@ def build_trainer(config: TrainConfig, resuming: bool = False):
     model, tokenizer = load_model(config.model, dtype=config.model_dtype, device="cpu")
     if config.sft_warmup_steps and not resuming:  # a resumed run's checkpoint already holds the warm start
         _warm_start(model, tokenizer, rows, config)
-    credit = CreditConfig(strategy=config.credit, rhythm=config.rhythm, head_refresh_steps=config.head_refresh_steps,
-                          capture_batch_size=config.capture_batch_size, capture_with_none=config.capture_with_none)
+    credit = CreditConfig.of(config)
     reward = task_reward(task) if config.reward_function is None else load_function(config.reward_function)
     trainer = RhythmGRPOTrainer(model=model, reward_funcs=[reward], args=to_grpo_config(config),
                                 train_dataset=Dataset.from_list(rows), processing_class=tokenizer, credit=credit)
@@ -164,28 +207,31 @@ def build_trainer(config: TrainConfig, resuming: bool = False):
 
 
 def train(config: TrainConfig, checkpoint: str | None = None):
+    """Validate, then run (or resume) ``config``; returns the trainer."""
     from attnrhythm.train.trainer import truncate_metrics
 
+    validate(config)
     config = resolved(config, int(os.environ.get("WORLD_SIZE", "1")))
     os.makedirs(config.out, exist_ok=True)
     if _is_main():
         save_yaml(config, os.path.join(config.out, "config.yaml"))
         # a fresh run starts an empty file; a resumed one keeps exactly the steps its checkpoint has
-        step = json.load(open(os.path.join(checkpoint, "trainer_state.json")))["global_step"] if checkpoint else 0
+        step = io.read_json(os.path.join(checkpoint, "trainer_state.json"))["global_step"] if checkpoint else 0
         truncate_metrics(os.path.join(config.out, "metrics.jsonl"), step)
         if checkpoint:
-            print(f"resuming from {checkpoint} (step {step})", flush=True)
+            logger.info(f"resuming from {checkpoint} (step {step})")
     trainer = build_trainer(config, resuming=checkpoint is not None)
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(config.out)  # the final model next to its config: `attnrhythm eval --model DIR`
-    print(f"finished at step {trainer.state.global_step}/{config.max_steps} (rank {os.environ.get('RANK', '0')} "
-          f"of {os.environ.get('WORLD_SIZE', '1')}); model and metrics.jsonl in {config.out}", flush=True)
+    logger.info(f"finished at step {trainer.state.global_step}/{config.max_steps}; model and metrics.jsonl in {config.out}")
     return trainer
 
 
-def run(args: argparse.Namespace) -> int:
-    config, checkpoint = resolve(args)
-    if getattr(args, "resume", False) and checkpoint is None and _is_main():
-        print(f"no complete checkpoint in {config.out}: starting from step 0", file=sys.stderr)
+def command(settings, command_line: str | None = None) -> int:
+    """`attnrhythm train`: settings (TrainSettings) -> resolved, validated config -> run."""
+    config, checkpoint = resolve(settings)
+    validate(config)  # before a folder, a config.yaml or a model exists
+    if settings.resume and checkpoint is None:
+        logger.warning(f"no complete checkpoint in {config.out}: starting from step 0")
     train(config, checkpoint)
     return 0

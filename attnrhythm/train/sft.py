@@ -14,22 +14,27 @@ accepted: the test split stays unseen.
 Plain torch loop (AdamW, fixed seed, fixed data order): simple and deterministic.  Run once and
 save the folder that every RL run starts from:
 
-    python -m attnrhythm.train.sft --model smollm2-135m --task countdown-easy --out runs/warm
+    attnrhythm sft --model smollm2-135m --task countdown-easy --out runs/warm
 """
 from __future__ import annotations
 
-import argparse
 import ast
-import json
 import math
 import os
 import random
 import time
+from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 
 import torch
 
+from attnrhythm import io, log
+from attnrhythm.errors import UserError
+from attnrhythm.generation import prompt_text
 from attnrhythm.tasks import get_task, solve_countdown
+from attnrhythm.tasks.countdown import split_of
+
+logger = log.get_logger(__name__)
 
 _OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 
@@ -71,17 +76,8 @@ def solution_completion(numbers, target: int) -> str | None:
 def _check_train_split(row: dict) -> None:
     # the split is a pure function of the instance (a hash); re-derive it so a test instance can
     # never leak into the warm start, whatever the caller passed
-    from attnrhythm.tasks.countdown import split_of
-
     if split_of(row["numbers"], row["target"]) != "train":
-        raise ValueError(f"warm start got a test-split instance {row['numbers']} -> {row['target']}")
-
-
-def prompt_text(tokenizer, prompt) -> str:
-    """A row's prompt as text: base prompts as they are, chat messages through the chat template."""
-    if isinstance(prompt, str):
-        return prompt
-    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        raise UserError(f"warm start got a test-split instance {row['numbers']} -> {row['target']}")
 
 
 def sft_examples(rows: list[dict], tokenizer) -> list[tuple[list[int], list[int]]]:
@@ -103,7 +99,7 @@ def sft_examples(rows: list[dict], tokenizer) -> list[tuple[list[int], list[int]
         c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         out.append((p["input_ids"], c))
     if not out:
-        raise ValueError("no solvable rows for the warm start")
+        raise UserError("no solvable rows for the warm start")
     return out
 
 
@@ -179,50 +175,73 @@ def warm_start(model, tokenizer, rows: list[dict], steps: int, lr: float = 1e-4,
         schedule.step()
         losses.append(loss.item())
         if log_every and (step % log_every == 0 or step == steps - 1):
-            print(f"warm start step {step + 1}/{steps}  loss {losses[-1]:.4f}  {time.time() - t0:.0f}s", flush=True)
+            logger.info(f"warm start step {step + 1}/{steps}  loss {losses[-1]:.4f}  {time.time() - t0:.0f}s")
     model.eval()
     return {"losses": losses, "n_examples": len(examples), "seconds": time.time() - t0}
 
 
-# ----------------------------------------------------------------------------- command line
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m attnrhythm.train.sft", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m", help="embedded name, local folder or hub id")
-    p.add_argument("--task", default="countdown-easy", help="countdown or countdown-easy")
-    p.add_argument("--template", default="base", choices=["base", "chat"])
-    p.add_argument("--n", type=int, default=2000, help="train-split instances to draw")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=1234, help="data and order seed (default differs from RL's "
-                   "prompt seed, so RL mostly sees fresh train instances)")
-    p.add_argument("--out", required=True, help="folder to save the warm model and tokenizer to")
-    args = p.parse_args(argv)
+# ----------------------------------------------------------------------------- command
+def _opt(help_text: str, **meta):
+    return dict(metadata=dict(help=help_text, **meta))
 
-    from attnrhythm.models import load_model
 
-    model, tokenizer = load_model(args.model, dtype="float32")
-    rows = get_task(args.task, args.template).load("train", args.n, args.seed)
+@dataclass
+class SftSettings:
+    """What `attnrhythm sft` trains and where it saves the warm model."""
+
+    out: str = field(default="runs/warm", **_opt("folder to save the warm model and tokenizer to"))
+    model: str = field(default="smollm2-135m", **_opt("embedded name, local model folder or hub id"))
+    task: str = field(default="countdown-easy", **_opt("countdown or countdown-easy", choices=("countdown", "countdown-easy")))
+    template: str = field(default="base", **_opt("prompt template: plain text or chat messages", choices=("base", "chat")))
+    n: int = field(default=2000, **_opt("train-split instances to draw"))
+    steps: int = field(default=30, **_opt("optimizer steps"))
+    lr: float = field(default=1e-4, **_opt("AdamW learning rate"))
+    batch_size: int = field(default=8, **_opt("examples per step"))
+    seed: int = field(default=1234, **_opt("data and order seed (differs from RL's prompt seed, so RL mostly sees "
+                                           "fresh train instances)"))
+
+
+SETTINGS = SftSettings
+
+
+def run_warm_start(settings: SftSettings) -> dict:
+    """Train and save the warm start (checked before the model is loaded); returns its record."""
+    from attnrhythm import models
+
+    if settings.steps < 1 or settings.n < 1 or settings.batch_size < 1:
+        raise UserError("--steps, --n and --batch-size must be at least 1")
+    task = get_task(settings.task, settings.template)
+    models.check_model(settings.model)
+    model, tokenizer = models.load_model(settings.model, dtype="float32")
+    rows = task.load("train", settings.n, settings.seed)
     before = sft_loss(model, tokenizer, rows[:32])
-    log = warm_start(model, tokenizer, rows, args.steps, lr=args.lr, batch_size=args.batch_size,
-                     seed=args.seed, log_every=10)
+    record = warm_start(model, tokenizer, rows, settings.steps, lr=settings.lr, batch_size=settings.batch_size,
+                        seed=settings.seed, log_every=10)
     after = sft_loss(model, tokenizer, rows[:32])
     # save into a staging folder and rename: a half-written model folder is never picked up
-    staging = args.out.rstrip("/") + ".partial"
+    staging = settings.out.rstrip("/") + ".partial"
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    info = {**vars(args), "loss_before": before, "loss_after": after, **log}
-    with open(os.path.join(staging, "warm_start.json"), "w") as f:
-        json.dump(info, f, indent=1)
-    if os.path.exists(args.out):
+    info = {**asdict(settings), "loss_before": before, "loss_after": after, **record}
+    io.write_json(os.path.join(staging, "warm_start.json"), info)
+    if os.path.exists(settings.out):
         import shutil
 
-        shutil.rmtree(args.out)
-    os.replace(staging, args.out)
-    print(f"warm start: {log['n_examples']} examples, {args.steps} steps, loss on 32 rows "
-          f"{before:.3f} -> {after:.3f}, {log['seconds']:.0f}s; saved {args.out}")
-    return 0 if math.isfinite(after) else 1
+        shutil.rmtree(settings.out)
+    os.replace(staging, settings.out)
+    return info
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def command(settings: SftSettings, command_line: str | None = None) -> int:
+    info = run_warm_start(settings)
+    log.emit(f"warm start: {info['n_examples']} examples, {settings.steps} steps, loss on 32 rows "
+             f"{info['loss_before']:.3f} -> {info['loss_after']:.3f}, {info['seconds']:.0f}s; saved {settings.out}")
+    return 0 if math.isfinite(info["loss_after"]) else 1
+
+
+if __name__ == "__main__":  # `python -m attnrhythm.train.sft ...` as before: the same as `attnrhythm sft ...`
+    import sys
+
+    from attnrhythm.cli import main
+
+    raise SystemExit(main(["sft", *sys.argv[1:]]))

@@ -16,7 +16,6 @@ pattern TRL uses for its entropy controller).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -29,20 +28,21 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
 
+from attnrhythm import io
 from attnrhythm.capture import capture_statistics
 from attnrhythm.core.config import RhythmConfig
-from attnrhythm.core.credit import STRATEGIES, apply_sign, coupled_sets, credit_gamma, high_entropy_selection_mask
-from attnrhythm.core.heads import HeadSets, classify_heads, head_distance
-from attnrhythm.core.metrics import rhythm_from_stats
+from attnrhythm.core.credit import (CREDIT_NAMES, apply_sign, credit_sets, gamma_statistics_from_sums, gamma_sums,
+                                    get_credit, high_entropy_selection_mask)
+from attnrhythm.core.heads import HeadSets
+from attnrhythm.core.metrics import calibration_distance, heads_from_distance, rhythm_from_stats
 
-CREDITS = STRATEGIES + ("high-entropy-selection",)
+CREDITS = CREDIT_NAMES  # the registry's names (attnrhythm.core.credit.CREDITS)
 RHYTHM_STATE = "rhythm_state.json"
-_NEEDS_ENTROPY = ("entropy", "high-entropy-selection")
 
 
 @dataclass
 class CreditConfig:
-    """How the trainer shapes advantages (METHOD.md section 4)."""
+    """How the trainer shapes advantages (docs/method.md section 4)."""
 
     strategy: str = "none"
     rhythm: RhythmConfig = field(default_factory=RhythmConfig)
@@ -54,8 +54,13 @@ class CreditConfig:
     """Also run (and time) the attention pass for strategy 'none'; gamma stays exactly 1."""
 
     def __post_init__(self) -> None:
-        if self.strategy not in CREDITS:
-            raise ValueError(f"credit strategy must be one of {CREDITS}, got {self.strategy!r}")
+        get_credit(self.strategy)  # an unknown name is a UserError naming the closest one
+
+    @classmethod
+    def of(cls, config) -> "CreditConfig":
+        """The credit part of a TrainConfig."""
+        return cls(strategy=config.credit, rhythm=config.rhythm, head_refresh_steps=config.head_refresh_steps,
+                   capture_batch_size=config.capture_batch_size, capture_with_none=config.capture_with_none)
 
 
 class RhythmGRPOTrainer(GRPOTrainer):
@@ -123,7 +128,7 @@ class RhythmGRPOTrainer(GRPOTrainer):
         response = torch.cat([torch.zeros_like(prompt_mask), completion_mask], 1).bool()
         batch, width = completion_ids.shape
         offset = prompt_ids.size(1)
-        cfg, strategy = self.credit.rhythm, self.credit.strategy
+        cfg, strategy = self.credit.rhythm, get_credit(self.credit.strategy)
         gamma = torch.ones(batch, width, device=ids.device)
         entropy = torch.full((batch, width), math.nan, device=ids.device)
         info = {"sets": Counter(), "local": Counter(), "global": Counter(), "distance": torch.zeros(2), "n_seq": 0}
@@ -136,44 +141,40 @@ class RhythmGRPOTrainer(GRPOTrainer):
             for s in range(0, batch, chunk):
                 sl = slice(s, min(batch, s + chunk))
                 stats = capture_statistics(model, ids[sl], mask[sl], config=cfg, backend="streaming",
-                                           entropy=strategy in _NEEDS_ENTROPY)
+                                           entropy=strategy.needs_entropy)
                 heads = self._fixed_heads(stats, response[sl]) if cfg.head_mode == "fixed" else None
                 r = rhythm_from_stats(stats, response[sl], cfg, heads=heads)
                 # response token j of row b sits at completion column positions[b, j] - P
                 rows, js = r.mask.nonzero(as_tuple=True)
                 cols = r.positions[rows, js] - offset
-                if strategy in STRATEGIES:
-                    g = credit_gamma(r, strategy, cfg, generator=generator)
-                    gamma[s + rows, cols] = g[rows, js].to(gamma.dtype)
+                g, sets = credit_sets(r, strategy.name, cfg, generator=generator)
+                gamma[s + rows, cols] = g[rows, js].to(gamma.dtype)
+                for name, chosen in sets.items():
+                    info["sets"][name] += int((chosen & r.mask).sum())
                 if r.entropy is not None:
                     entropy[s + rows, cols] = r.entropy[rows, js].float()
-                self._count(info, r, strategy, cfg)
+                self._count(info, r)
         keep = None
-        if strategy == "high-entropy-selection":  # ranks this process's rollout batch together
+        if strategy.keeps_batch_share:  # ranks this process's rollout batch together
             keep = high_entropy_selection_mask(entropy, completion_mask.bool(), cfg.high_entropy_share).float()
         return gamma, keep, info
 
     def _fixed_heads(self, stats, response) -> HeadSets:
-        """Head sets of head_mode='fixed' (metrics.calibrate_heads, averaged over ranks so every
-        rank uses the same sets), recomputed every head_refresh_steps on the current batch."""
+        """Head sets of head_mode='fixed' (``calibration_distance`` averaged over ranks so every
+        rank uses the same sets, then ``heads_from_distance``), recomputed every
+        head_refresh_steps on the current batch."""
         step = self.state.global_step
         if self._heads is None or step - self._heads_step >= self.credit.head_refresh_steps:
-            distance = torch.nan_to_num(torch.nanmean(head_distance(stats.row_distance, response), 0), nan=0.0)
+            distance = calibration_distance(stats, response)
             if self.accelerator.num_processes > 1:
                 distance = self.accelerator.reduce(distance.to(self.accelerator.device), reduction="mean")
-            local, global_ = classify_heads(distance, self.credit.rhythm.head_fraction)
-            self._heads, self._heads_step = HeadSets(local.cpu(), global_.cpu()), step
+            self._heads, self._heads_step = heads_from_distance(distance, self.credit.rhythm), step
         return self._heads
 
     @staticmethod
-    def _count(info, r, strategy, cfg) -> None:
-        """Per-strategy set sizes and head groups of one capture chunk."""
-        real = r.mask
-        if strategy == "coupled":
-            sets = coupled_sets(r.waad, r.fai, r.delta, real, cfg.q, cfg.k, cfg.selection)
-            for name in ("local", "anchor", "dominated", "intro"):
-                info["sets"][name] += int((sets[name] & real).sum())
-        for b in range(real.shape[0]):
+    def _count(info, r) -> None:
+        """Head groups and their mean distances of one capture chunk."""
+        for b in range(r.mask.shape[0]):
             local, global_ = r.local_heads[b], r.global_heads[b]
             info["local"].update((r.layers[l], h) for l, h in local)
             info["global"].update((r.layers[l], h) for l, h in global_)
@@ -183,29 +184,32 @@ class RhythmGRPOTrainer(GRPOTrainer):
             info["n_seq"] += 1
 
     # ------------------------------------------------------------------ logging
+    def _summed(self, values: dict[str, float]) -> dict[str, float]:
+        """``values`` summed over processes (one all-gather of a small vector, keys in sorted order)."""
+        names = sorted(values)
+        local = torch.tensor([float(values[n]) for n in names], dtype=torch.float64, device=self.accelerator.device)
+        return dict(zip(names, self.accelerator.gather(local[None]).sum(0).tolist()))
+
     def _record(self, seconds, gamma, keep, info, valid) -> None:
-        """Rhythm metrics into TRL's logs, summed over ranks (one all-gather of a small vector)."""
+        """Rhythm metrics into TRL's logs, summed over ranks."""
         mode = "train" if self.model.training else "eval"
-        g = gamma[valid]
-        set_names = sorted(info["sets"])
-        local = torch.tensor([g.sum().item(), g.numel(), (g > 1).sum().item(), (g < 1).sum().item(),
-                              keep[valid].sum().item() if keep is not None else 0.0,
-                              *info["distance"].tolist(), info["n_seq"], *[info["sets"][n] for n in set_names]],
-                             dtype=torch.float64, device=self.accelerator.device)
-        total = self.accelerator.gather(local[None]).sum(0).tolist()
-        n = max(1.0, total[1])
+        total = self._summed({**{f"gamma/{k}": v for k, v in gamma_sums(gamma, valid).items()},
+                              "kept": keep[valid].sum().item() if keep is not None else 0.0,
+                              "distance/local": info["distance"][0].item(), "distance/global": info["distance"][1].item(),
+                              "n_seq": info["n_seq"], **{f"set/{n}": c for n, c in info["sets"].items()}})
+        statistics = gamma_statistics_from_sums({k.removeprefix("gamma/"): v for k, v in total.items()
+                                                 if k.startswith("gamma/")})
+        n = max(1.0, total["gamma/n_tokens"])
         metrics = self._metrics[mode]
-        metrics["rhythm/gamma_mean"].append(total[0] / n)
-        metrics["rhythm/share_amplified"].append(total[2] / n)
-        metrics["rhythm/share_reduced"].append(total[3] / n)
+        metrics["rhythm/gamma_mean"].append(statistics["mean"] if total["gamma/n_tokens"] else 0.0)
+        metrics["rhythm/share_amplified"].append(total["gamma/n_amplified"] / n)
+        metrics["rhythm/share_reduced"].append(total["gamma/n_reduced"] / n)
         if keep is not None:
-            metrics["rhythm/set_kept"].append(total[4] / n)
-        elif self.credit.strategy in ("random", "entropy", "local", "global"):
-            metrics[f"rhythm/set_{self.credit.strategy}"].append(total[2] / n)
-        metrics["rhythm/heads_local_distance"].append(total[5] / max(1.0, total[7]))
-        metrics["rhythm/heads_global_distance"].append(total[6] / max(1.0, total[7]))
-        for i, name in enumerate(set_names):
-            metrics[f"rhythm/set_{name}"].append(total[8 + i] / n)
+            metrics["rhythm/set_kept"].append(total["kept"] / n)
+        metrics["rhythm/heads_local_distance"].append(total["distance/local"] / max(1.0, total["n_seq"]))
+        metrics["rhythm/heads_global_distance"].append(total["distance/global"] / max(1.0, total["n_seq"]))
+        for name in sorted(k for k in total if k.startswith("set/")):
+            metrics[f"rhythm/{name.replace('/', '_')}"].append(total[name] / n)
         metrics["rhythm/attention_s"].append(seconds)
         self._attention_window += seconds
         n_seq = max(1, info["n_seq"])
@@ -240,16 +244,14 @@ class RhythmGRPOTrainer(GRPOTrainer):
             state = {"heads_step": self._heads_step, "totals": self._totals,
                      "heads": None if self._heads is None else
                      {"local": self._heads.local.tolist(), "global": self._heads.global_.tolist()}}
-            with open(os.path.join(folder, RHYTHM_STATE), "w") as f:
-                json.dump(state, f)
+            io.write_json(os.path.join(folder, RHYTHM_STATE), state)
         super()._save_checkpoint(model, trial)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         path = os.path.join(checkpoint, RHYTHM_STATE) if checkpoint else None
         if path and os.path.exists(path):
-            with open(path) as f:
-                state = json.load(f)
+            state = io.read_json(path)
             self._heads_step = state["heads_step"]
             self._totals = state["totals"]
             if state["heads"] is not None:
@@ -267,41 +269,20 @@ class MetricsJsonl(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        clean = {k: _plain(v) for k, v in logs.items()}
         if "train_runtime" in logs:
-            with open(os.path.join(os.path.dirname(self.path), "train_summary.json"), "w") as f:
-                json.dump({"step": state.global_step, **clean}, f, indent=1)
+            io.write_json(os.path.join(os.path.dirname(self.path), "train_summary.json"),
+                          {"step": state.global_step, **logs})
             return
-        record = {"step": state.global_step, **clean, **(self.extras() if self.extras else {})}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def _plain(v):
-    if isinstance(v, torch.Tensor):
-        v = v.item()
-    return None if isinstance(v, float) and not math.isfinite(v) else v
+        io.append_jsonl(self.path, [{"step": state.global_step, **logs, **(self.extras() if self.extras else {})}])
 
 
 def truncate_metrics(path: str, last_step: int) -> int:
-    """Keep the complete lines with step <= last_step (atomically); returns the count kept."""
+    """Keep the records with step <= last_step (atomically; a cut last line is dropped as
+    ``io.read_jsonl`` does); returns the count kept."""
     if not os.path.exists(path):
         return 0
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by SIGKILL
-                continue
-            if isinstance(record, dict) and record.get("step", math.inf) <= last_step:
-                kept.append(json.dumps(record) + "\n")
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    kept = [r for r in io.read_jsonl(path) if isinstance(r, dict) and r.get("step", math.inf) <= last_step]
+    io.write_jsonl(path, kept)
     return len(kept)
 
 
