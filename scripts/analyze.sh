@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
-exec attnrhythm analyze --model smollm2-135m --data gsm8k --n 70 --out runs/analyze "$@"
+exec "$(bash scripts/python.sh)" -m attnrhythm.cli analyze --model smollm2-135m --data gsm8k --n 70 --out runs/analyze "$@"

