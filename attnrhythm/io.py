@@ -9,6 +9,7 @@
   ``float_list`` writes a float series with NaN as null, ``float_series`` reads it back.
 * Atomic writes (``write_bytes``/``write_text``/``write_json``/``write_yaml``): a temporary file in
   the same folder, then ``os.replace``; a reader never sees half a file.
+* ``option``: a settings field with the help the command line shows for it.
 """
 from __future__ import annotations
 
@@ -19,6 +20,18 @@ import tempfile
 from pathlib import Path
 
 from attnrhythm.errors import UserError
+
+
+# ------------------------------------------------------------------ settings fields
+def option(default, help: str, **meta):
+    """A field of a command's settings dataclass: its default and what ``--help`` says about it
+    (``meta``: ``choices``, ``positional``, ``shown_default``, ``cli=False``; see ``cli.add_settings``)."""
+    from dataclasses import field
+
+    metadata = dict(help=help, **meta)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 # ------------------------------------------------------------------ NaN <-> null
@@ -122,11 +135,14 @@ def write_jsonl(path, records: list) -> Path:
     return write_text(path, "".join(json_line(r) for r in records))
 
 
-def read_jsonl(path, repair: bool = False) -> list:
-    """Records of a JSONL file ([] when it does not exist); blank lines are skipped.
+def numbered_jsonl(path, interrupted_tail: bool = True, repair: bool = False) -> list[tuple[int, object]]:
+    """(line number, record) of each non-blank line of a JSONL file ([] when it does not exist).
 
-    A last line that is not valid JSON (cut by a kill) is dropped, and with ``repair`` removed
-    from the file; a bad line before the last raises ``UserError``: the file is damaged.
+    The one policy for a line that is not JSON: before the last line the file is damaged and is
+    refused (``UserError`` naming file and line).  The last line is what a killed run of ours
+    leaves cut: with ``interrupted_tail`` (files this package appends to) it is dropped, and with
+    ``repair`` removed from the file so appending can continue; a file the user wrote
+    (``interrupted_tail=False``) was not cut by a run, so its last line is refused like any other.
     """
     path = Path(path)
     if not path.exists():
@@ -137,10 +153,16 @@ def read_jsonl(path, repair: bool = False) -> list:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            records.append((number, json.loads(line)))
         except json.JSONDecodeError as err:
-            if number < len(lines):
-                raise UserError(f"{path}:{number}: not valid JSON ({err.msg}); the file is damaged") from None
+            if number < len(lines) or not interrupted_tail:
+                raise UserError(f"{path}:{number}: not valid JSON ({err.msg})"
+                                + ("; the file is damaged" if interrupted_tail else "")) from None
             if repair:
                 write_text(path, "".join(lines[:-1]))
     return records
+
+
+def read_jsonl(path, repair: bool = False) -> list:
+    """The records of a JSONL file this package appends to (``numbered_jsonl``'s policy)."""
+    return [record for _, record in numbered_jsonl(path, repair=repair)]

@@ -82,6 +82,15 @@ def tiny_models():
     return {name: build() for name, build in TINY_MODELS.items()}
 
 
+@pytest.fixture
+def one_thread():
+    # bitwise comparisons across two trainings: keep the CPU kernels' reduction order fixed
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     return tiny_llama()

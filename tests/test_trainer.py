@@ -59,15 +59,6 @@ def make_trainer(cls, model_dir, out, **extra):
         [{"prompt": p} for p in PROMPTS]), processing_class=tok, **extra)
 
 
-@pytest.fixture
-def one_thread():
-    # bitwise comparisons across two trainings: keep the CPU kernels' reduction order fixed
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_none_equals_stock_trl(tiny_model, tmp_path, one_thread):
     stock = make_trainer(GRPOTrainer, tiny_model, tmp_path / "stock")
     stock.train()

@@ -28,7 +28,7 @@ is left out of calibration and couplings.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -42,7 +42,8 @@ from attnrhythm.core.config import ANALYSIS_HORIZON, RhythmConfig, parse_horizon
 from attnrhythm.core.couplings import couplings_markdown, couplings_table, response_couplings
 from attnrhythm.core.heads import mask_to_heads, select_receiver_heads
 from attnrhythm.core.metrics import fai_row_counts, per_head_fai, receiver_kurtosis, rhythm_from_stats
-from attnrhythm.data import Problem
+from attnrhythm.data import Problem, ProblemSettings
+from attnrhythm.io import option
 from attnrhythm.errors import UserError
 from attnrhythm.generation import (PROMPT_STYLES, check_prompt_fits, encode_prompt, problem_prompt, prompt_text,
                                    resolve_prompt_style, row_seed, sample_responses, token_strings)
@@ -52,44 +53,33 @@ logger = log.get_logger(__name__)
 ANALYSIS_CONFIG = RhythmConfig(fai_horizon=ANALYSIS_HORIZON)
 OUTPUTS = ("metrics.jsonl", "run.json", "couplings.json", "couplings.md", "report.html",
            "figures/attention_maps.png", "figures/rhythm_curves.png")
-MIN_RELIABLE_PROBLEMS = 10
-"""Below this many problems the 95% bootstrap intervals are degenerate (a warning says so)."""
-
-
-def _opt(help_text: str, **meta):
-    return dict(metadata=dict(help=help_text, **meta))
 
 
 @dataclass
-class AnalyzeSettings:
+class AnalyzeSettings(ProblemSettings):
     """Everything an `analyze` run needs (stored in run.json; ``config()`` gives its RhythmConfig)."""
 
-    model: str = field(default="smollm2-135m", **_opt("embedded name (smollm2-135m), local model folder or hub id"))
-    data: str = field(default="gsm8k", **_opt("gsm8k, champ, a .jsonl file (question, answer) or a hub dataset id"))
-    n: int = field(default=70, **_opt("problems, a seeded sample of the data (paper: 70)"))
-    seed: int = field(default=0, **_opt("seed of the problem sample, of sampling and of the bootstrap"))
-    prompt: str = field(default="auto", **_opt("auto: chat template for instruct models (SmolLM2), the paper's "
-                                               "plain prompt otherwise", choices=PROMPT_STYLES))
-    max_new_tokens: int = field(default=384, **_opt("tokens per response at most"))
-    temperature: float = field(default=0.7, **_opt("sampling temperature (paper: 0.7; 0 = greedy)"))
-    batch_size: int = field(default=8, **_opt("responses generated and captured together"))
-    backend: str = field(default="streaming", **_opt("streaming: statistics in blocks of rows, memory linear in "
-                                                     "the length; eager: HF output_attentions (the reference)",
-                                                     choices=BACKENDS))
-    n_boot: int = field(default=2000, **_opt("bootstrap resamples for the 95% intervals"))
-    figure_response: str | None = field(default=None, **_opt("problem id of the response drawn in the figures "
-                                                             "(none: the longest complete response)"))
-    out: str = field(default="runs/analyze", **_opt("output folder"))
-    layers: str = field(default="middle", **_opt("sampled layers: middle, bottom, top, all, or a comma list"))
-    fai_horizon: str = field(default="analysis", **_opt("FAI rows: analysis (every later token), rl (10,100), "
-                                                        "v1 (10,50) or LO,HI (LO, = to the end)"))
-    receiver_heads: int = field(default=RhythmConfig.n_receiver_heads, **_opt("receiver heads kept"))
-    device: str | None = field(default=None, **_opt("cuda, cpu, ... (none: cuda when available)"))
-    dtype: str = field(default="auto", **_opt("model dtype (auto: bfloat16 on a GPU, float32 on a CPU)",
-                                              choices=("auto", "float32", "bfloat16", "float16")))
-    resume: bool = field(default=False, **_opt("continue a partial run in --out, skipping finished problems"))
-    overwrite: bool = field(default=False, **_opt("replace an existing analysis in --out"))
-    progress: bool = field(default=True, **_opt("show a progress bar (one step per generated token)"))
+    prompt: str = option("auto", "auto: chat template for instruct models (SmolLM2), the paper's plain prompt "
+                         "otherwise", choices=PROMPT_STYLES)
+    max_new_tokens: int = option(384, "tokens per response at most")
+    temperature: float = option(0.7, "sampling temperature (paper: 0.7; 0 = greedy)")
+    batch_size: int = option(8, "responses generated and captured together")
+    backend: str = option("streaming", "streaming: statistics in blocks of rows, memory linear in the length; "
+                          "eager: HF output_attentions (the reference)", choices=BACKENDS)
+    n_boot: int = option(2000, "bootstrap resamples for the 95% intervals")
+    figure_response: str | None = option(None, "problem id of the response drawn in the figures (none: the "
+                                         "longest complete response)")
+    out: str = option("runs/analyze", "output folder")
+    layers: str = option("middle", "sampled layers: middle, bottom, top, all, or a comma list")
+    fai_horizon: str = option("analysis", "FAI rows: analysis (every later token), rl (10,100), v1 (10,50) or "
+                              "LO,HI (LO, = to the end)")
+    receiver_heads: int = option(RhythmConfig.n_receiver_heads, "receiver heads kept")
+    device: str | None = option(None, "cuda, cpu, ... (none: cuda when available)")
+    dtype: str = option("auto", "model dtype (auto: bfloat16 on a GPU, float32 on a CPU)",
+                        choices=("auto", "float32", "bfloat16", "float16"))
+    resume: bool = option(False, "continue a partial run in --out, skipping finished problems")
+    overwrite: bool = option(False, "replace an existing analysis in --out")
+    progress: bool = option(True, "show a progress bar (one step per generated token)")
 
     # settings that change what a response is: a resumed run must match them
     RESUME_KEYS = ("model", "data", "n", "seed", "prompt", "max_new_tokens", "temperature")
@@ -101,13 +91,9 @@ class AnalyzeSettings:
     def validate(self) -> None:
         """Refuse what cannot give a result, warn about what gives an unreliable one; before
         anything is loaded."""
-        if self.n < 1:
-            raise UserError(f"--n must be at least 1 (got {self.n}): there is nothing to analyse")
         if self.batch_size < 1 or self.max_new_tokens < 1 or self.n_boot < 1:
             raise UserError("--batch-size, --max-new-tokens and --n-boot must be at least 1")
-        if self.n < MIN_RELIABLE_PROBLEMS:
-            logger.warning(f"warning: with {self.n} problems (fewer than {MIN_RELIABLE_PROBLEMS}) the 95% intervals "
-                           "are unreliable and may be zero-width; use --n 70 as the paper does")
+        self.check_problem_count()
         self.config()
 
 

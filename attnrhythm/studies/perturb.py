@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +24,10 @@ import torch
 from torch import Tensor
 
 from attnrhythm import io, log
+from attnrhythm.io import option
 from attnrhythm.core.config import ANALYSIS_HORIZON, RhythmConfig, parse_layers
 from attnrhythm.core.textstats import bootstrap_ci, content_jaccard
+from attnrhythm.data import ProblemSettings
 from attnrhythm.errors import UserError
 from attnrhythm.generation import (PROMPT_STYLES, check_prompt_fits, decode, encode_prompt, greedy_responses, prefill,
                                    problem_prompt, resolve_prompt_style, stop_token_ids, strip_stop)
@@ -245,38 +247,27 @@ def write_outputs(out: Path, settings: dict, n_show: int = 4) -> dict:
 
 # ---------------------------------------------------------------- settings and the command
 
-def _opt(help_text: str, **meta):
-    return dict(metadata=dict(help=help_text, **meta))
-
-
 @dataclass
-class PerturbSettings:
+class PerturbSettings(ProblemSettings):
     """Everything a `perturb` run needs; ``study()`` is the part a resumed run must match."""
 
-    out: str = field(default="runs/perturb", **_opt("output folder (perturbations.jsonl, perturbation.json, .html)"))
-    model: str = field(default="smollm2-135m", **_opt("embedded name (smollm2-135m), local model folder or hub id"))
-    data: str = field(default="gsm8k", **_opt("gsm8k, champ, a .jsonl file (question, answer) or a hub dataset id"))
-    n: int = field(default=70, **_opt("problems, a seeded sample of the data (paper: 70)"))
-    seed: int = field(default=0, **_opt("seed of the problem sample and of the bootstrap"))
-    k: int = field(default=3, **_opt("top-k and bottom-k FAI positions per problem"))
-    alternatives: int = field(default=3, **_opt("forced alternatives per position"))
-    max_new_tokens: int = field(default=256, **_opt("token budget of every response"))
-    min_after: int = field(default=10, **_opt("skip positions followed by fewer original tokens (0: only "
-                                              "undefined FAI is skipped)"))
-    prompt: str = field(default="auto", **_opt("auto: chat template for instruct models (SmolLM2), the paper's "
-                                               "prompt otherwise", choices=PROMPT_STYLES))
-    layers: str = field(default="middle", **_opt("layers whose heads give FAI: middle, bottom, top, all or a "
-                                                 "comma list"))
-    batch_size: int = field(default=8, **_opt("original responses decoded together"))
-    n_boot: int = field(default=2000, **_opt("bootstrap resamples over problems"))
-    html_problems: int = field(default=4, **_opt("problems shown in perturbation.html"))
-    device: str | None = field(default=None, **_opt("cpu or cuda (none: cuda when available)"))
-    dtype: str = field(default="auto", **_opt("auto: bfloat16 on CUDA and on CPUs with bf16 matrix units "
-                                              "(AMX/AVX512-BF16), float32 otherwise",
-                                              choices=("auto", "float32", "bfloat16", "float16")))
-    threads: int | None = field(default=None, **_opt("torch CPU threads (1 on a shared machine avoids threads "
-                                                     "spinning against each other; none: torch's default)"))
-    resume: bool = field(default=False, **_opt("continue the run in --out (same settings)"))
+    out: str = option("runs/perturb", "output folder (perturbations.jsonl, perturbation.json, .html)")
+    k: int = option(3, "top-k and bottom-k FAI positions per problem")
+    alternatives: int = option(3, "forced alternatives per position")
+    max_new_tokens: int = option(256, "token budget of every response")
+    min_after: int = option(10, "skip positions followed by fewer original tokens (0: only undefined FAI is skipped)")
+    prompt: str = option("auto", "auto: chat template for instruct models (SmolLM2), the paper's prompt otherwise",
+                         choices=PROMPT_STYLES)
+    layers: str = option("middle", "layers whose heads give FAI: middle, bottom, top, all or a comma list")
+    batch_size: int = option(8, "original responses decoded together")
+    n_boot: int = option(2000, "bootstrap resamples over problems")
+    html_problems: int = option(4, "problems shown in perturbation.html")
+    device: str | None = option(None, "cpu or cuda (none: cuda when available)")
+    dtype: str = option("auto", "auto: bfloat16 on CUDA and on CPUs with bf16 matrix units (AMX/AVX512-BF16), "
+                        "float32 otherwise", choices=("auto", "float32", "bfloat16", "float16"))
+    threads: int | None = option(None, "torch CPU threads (1 on a shared machine avoids threads spinning against "
+                                 "each other; none: torch's default)")
+    resume: bool = option(False, "continue the run in --out (same settings)")
 
     def study(self) -> dict:
         """What defines the study; a resumed run must match it."""
@@ -286,8 +277,9 @@ class PerturbSettings:
                     n_boot=self.n_boot, decoding="greedy", dtype=resolve_dtype(self.dtype, self.device))
 
     def validate(self) -> None:
-        if self.n < 1 or self.k < 1 or self.alternatives < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
-            raise UserError("--n, --k, --alternatives, --max-new-tokens and --batch-size must be at least 1")
+        if self.k < 1 or self.alternatives < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
+            raise UserError("--k, --alternatives, --max-new-tokens and --batch-size must be at least 1")
+        self.check_problem_count()
         parse_layers(self.layers)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,7 +28,9 @@ import numpy as np
 
 from attnrhythm import io, log
 from attnrhythm.core.couplings import COUPLINGS, PAPER_TABLE2
+from attnrhythm.data import ProblemSettings
 from attnrhythm.errors import UserError
+from attnrhythm.io import option
 from attnrhythm.generation import PROMPT_STYLES
 from attnrhythm.studies import perturb
 
@@ -309,39 +311,29 @@ def render_markdown(meta: dict, rows: list[dict], table2: dict, table1: dict, ra
 
 # ---------------------------------------------------------------- settings and the command
 
-def _opt(help_text: str, **meta):
-    return dict(metadata=dict(help=help_text, **meta))
-
-
 @dataclass
-class ReproduceSettings:
+class ReproduceSettings(ProblemSettings):
     """Everything a `reproduce` run needs; the analysis and the perturbation get their settings from it."""
 
-    out: str = field(default="runs/reproduce", **_opt("output folder, shared with analyze and perturb"))
-    model: str = field(default="smollm2-135m", **_opt("embedded name (smollm2-135m), local model folder or hub id"))
-    data: str = field(default="gsm8k", **_opt("gsm8k, champ, a .jsonl file (question, answer) or a hub dataset id"))
-    n: int = field(default=70, **_opt("problems, a seeded sample of the data (paper: 70)"))
-    seed: int = field(default=0, **_opt("seed of the problem sample, of sampling and of the bootstrap"))
-    max_new_tokens: int = field(default=256, **_opt("token budget of analysis and perturbation"))
-    temperature: float = field(default=0.7, **_opt("analysis sampling temperature (paper: 0.7)"))
-    prompt: str = field(default="auto", **_opt("auto: chat template for instruct models, the paper's prompt "
-                                               "otherwise", choices=PROMPT_STYLES))
-    batch_size: int = field(default=8, **_opt("responses per generation/capture batch"))
-    n_boot: int = field(default=2000, **_opt("bootstrap resamples for the 95% intervals"))
-    k: int = field(default=3, **_opt("perturbation: top-k and bottom-k FAI positions"))
-    alternatives: int = field(default=3, **_opt("perturbation: forced alternatives per position"))
-    min_after: int = field(default=10, **_opt("perturbation: skip positions this close to the end"))
-    dtype: str = field(default="auto", **_opt("analysis dtype (auto: float32 on CPU, bfloat16 on CUDA)"))
-    perturb_dtype: str = field(default="auto", **_opt("perturbation dtype (see `perturb --dtype`)"))
-    device: str | None = field(default=None, **_opt("cpu or cuda (none: cuda when available)"))
-    threads: int | None = field(default=None, **_opt("torch CPU threads (1 on a shared machine; none: torch's "
-                                                     "default)"))
-    command_line: str | None = field(default=None, metadata=dict(cli=False))
+    out: str = option("runs/reproduce", "output folder, shared with analyze and perturb")
+    max_new_tokens: int = option(256, "token budget of analysis and perturbation")
+    temperature: float = option(0.7, "analysis sampling temperature (paper: 0.7)")
+    prompt: str = option("auto", "auto: chat template for instruct models, the paper's prompt otherwise",
+                         choices=PROMPT_STYLES)
+    batch_size: int = option(8, "responses per generation/capture batch")
+    n_boot: int = option(2000, "bootstrap resamples for the 95% intervals")
+    k: int = option(3, "perturbation: top-k and bottom-k FAI positions")
+    alternatives: int = option(3, "perturbation: forced alternatives per position")
+    min_after: int = option(10, "perturbation: skip positions this close to the end")
+    dtype: str = option("auto", "analysis dtype (auto: float32 on CPU, bfloat16 on CUDA)")
+    perturb_dtype: str = option("auto", "perturbation dtype (see `perturb --dtype`)")
+    device: str | None = option(None, "cpu or cuda (none: cuda when available)")
+    threads: int | None = option(None, "torch CPU threads (1 on a shared machine; none: torch's default)")
+    command_line: str | None = option(None, "", cli=False)
     """The command that ran this (for the report); None from Python."""
 
     def validate(self) -> None:
-        if self.n < 1:
-            raise UserError(f"--n must be at least 1 (got {self.n}): there is nothing to reproduce")
+        self.check_problem_count()
 
 
 def run_reproduction(settings: ReproduceSettings) -> dict:

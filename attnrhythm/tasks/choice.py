@@ -5,12 +5,12 @@ in ``\\boxed{}``; a response is correct when the extracted letter equals the gol
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from attnrhythm.tasks.math import extract_boxed
-from attnrhythm.errors import UserError
+from attnrhythm import io
+from attnrhythm.errors import MissingInput, UserError
 
 LETTERS = "ABCDEFGHIJ"
 # Wrappers models put around a letter: \text{A}, \textbf{A}, \mathrm{A}, ...; one level unwrapped.
@@ -79,28 +79,23 @@ def load_choice_jsonl(path: str | Path) -> list[dict]:
     letter, within the options); an optional ``id``.  A bad row raises ValueError naming its line.
     """
     path = Path(path)
+    if not path.is_file():
+        raise MissingInput(f"{path} does not exist")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{where}: expected a JSON object")
-            question, options = record.get("question"), record.get("options")
-            if not isinstance(question, str) or not question.strip():
-                raise UserError(f"{where}: missing 'question' string")
-            if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
-                raise UserError(f"{where}: 'options' must be a list of strings")
-            if not 2 <= len(options) <= len(LETTERS):
-                raise UserError(f"{where}: need 2..{len(LETTERS)} options, got {len(options)}")
-            gold = _normalize_gold(record.get("answer", ""))
-            if gold is None or LETTERS.index(gold) >= len(options):
-                raise UserError(f"{where}: 'answer' must be one of the option letters")
-            rows.append({"id": str(record.get("id", f"{path.stem}-{lineno}")),
-                         "question": question, "options": options, "gold": gold})
+    for lineno, record in io.numbered_jsonl(path, interrupted_tail=False):
+        where = f"{path}:{lineno}"
+        if not isinstance(record, dict):
+            raise UserError(f"{where}: expected a JSON object")
+        question, options = record.get("question"), record.get("options")
+        if not isinstance(question, str) or not question.strip():
+            raise UserError(f"{where}: missing 'question' string")
+        if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+            raise UserError(f"{where}: 'options' must be a list of strings")
+        if not 2 <= len(options) <= len(LETTERS):
+            raise UserError(f"{where}: need 2..{len(LETTERS)} options, got {len(options)}")
+        gold = _normalize_gold(record.get("answer", ""))
+        if gold is None or LETTERS.index(gold) >= len(options):
+            raise UserError(f"{where}: 'answer' must be one of the option letters")
+        rows.append({"id": str(record.get("id", f"{path.stem}-{lineno}")),
+                     "question": question, "options": options, "gold": gold})
     return rows

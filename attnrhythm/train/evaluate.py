@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
 from attnrhythm import generation, io, log
 from attnrhythm.errors import UserError
+from attnrhythm.io import option
 from attnrhythm.tasks import get_task, score_completions
 
 logger = log.get_logger(__name__)
@@ -143,30 +144,26 @@ def format_table(results: list[dict]) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def _opt(help_text: str, **meta):
-    return dict(metadata=dict(help=help_text, **meta))
-
-
 @dataclass
 class EvalSettings:
     """Everything an `eval` run needs."""
 
-    model: str = field(default="smollm2-135m", **_opt("embedded name (smollm2-135m), model folder, run folder "
-                                                      "(its latest checkpoint) or hub id"))
-    task: str = field(default="countdown", **_opt("countdown, countdown-easy, gsm8k, math-jsonl:PATH, choice-jsonl:PATH"))
-    template: str = field(default="base", **_opt("prompt template: plain text or chat messages", choices=("base", "chat")))
-    n: int = field(default=512, **_opt("test problems (the paper's Countdown test set: 512)"))
-    samples: int = field(default=1, **_opt("completions per problem: 1 = pass@1, k = avg@k and pass@k"))
-    temperature: float | None = field(default=None, **_opt("sampling temperature (none: greedy for --samples 1, "
-                                                           "1.0 for --samples > 1)"))
-    max_new_tokens: int = field(default=256, **_opt("tokens per completion at most"))
-    batch_size: int = field(default=32, **_opt("completions generated together"))
-    seed: int = field(default=0, **_opt("draws the test problems and seeds sampling"))
-    split: str = field(default="test", **_opt("which split to draw from", choices=("test", "train")))
-    dtype: str = field(default="auto", **_opt("auto (bfloat16 on a GPU, else float32), float32, bfloat16"))
-    device: str | None = field(default=None, **_opt("cuda or cpu (none: cuda when available)"))
-    step: int | None = field(default=None, **_opt("training step of this model, recorded for `plot`"))
-    out: str | None = field(default=None, **_opt("write the JSON result here (e.g. RUN_DIR/eval.json)"))
+    model: str = option("smollm2-135m", "embedded name (smollm2-135m), model folder, run folder (its latest "
+                        "checkpoint) or hub id")
+    task: str = option("countdown", "countdown, countdown-easy, gsm8k, math-jsonl:PATH, choice-jsonl:PATH")
+    template: str = option("base", "prompt template: plain text or chat messages", choices=("base", "chat"))
+    n: int = option(512, "test problems (the paper's Countdown test set: 512)")
+    samples: int = option(1, "completions per problem: 1 = pass@1, k = avg@k and pass@k")
+    temperature: float | None = option(None, "sampling temperature (none: greedy for --samples 1, 1.0 for "
+                                       "--samples > 1)")
+    max_new_tokens: int = option(256, "tokens per completion at most")
+    batch_size: int = option(32, "completions generated together")
+    seed: int = option(0, "draws the test problems and seeds sampling")
+    split: str = option("test", "which split to draw from", choices=("test", "train"))
+    dtype: str = option("auto", "auto (bfloat16 on a GPU, else float32), float32, bfloat16")
+    device: str | None = option(None, "cuda or cpu (none: cuda when available)")
+    step: int | None = option(None, "training step of this model, recorded for `plot`")
+    out: str | None = option(None, "write the JSON result here (e.g. RUN_DIR/eval.json)")
 
 
 SETTINGS = EvalSettings

@@ -19,12 +19,13 @@ import glob
 from io import BytesIO
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import yaml
 
 from attnrhythm import io, log
 from attnrhythm.errors import UserError
+from attnrhythm.io import option
 
 logger = log.get_logger(__name__)
 
@@ -159,13 +160,12 @@ def plot_runs(run_dirs: list[str], metrics=("reward",), out: str = "curves.png",
 class PlotSettings:
     """What `plot` draws."""
 
-    runs: list[str] = field(default_factory=list, metadata=dict(
-        positional=True, metavar="DIR", help="run folders (metrics.jsonl, optional eval*.json)"))
-    metric: list[str] = field(default_factory=lambda: ["reward"], metadata=dict(
-        help="metric keys to plot, one panel each (reward, accuracy, loss, rhythm/gamma_mean, ...)"))
-    out: str = field(default="curves.png", metadata=dict(help="PNG to write"))
-    alpha: float = field(default=0.1, metadata=dict(help="running-peak smoothing a in (0, 1]"))
-    title: str | None = field(default=None, metadata=dict(help="figure title"))
+    runs: list[str] = option([], "run folders (metrics.jsonl, optional eval*.json)", positional=True, metavar="DIR")
+    metric: list[str] = option(["reward"], "metric keys to plot, one panel each (reward, accuracy, loss, "
+                               "rhythm/gamma_mean, ...)")
+    out: str = option("curves.png", "PNG to write")
+    alpha: float = option(0.1, "running-peak smoothing a in (0, 1]")
+    title: str | None = option(None, "figure title")
 
 
 SETTINGS = PlotSettings

@@ -23,13 +23,14 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from fractions import Fraction
 
 import torch
 
 from attnrhythm import io, log
 from attnrhythm.errors import UserError
+from attnrhythm.io import option
 from attnrhythm.generation import prompt_text
 from attnrhythm.tasks import get_task, solve_countdown
 from attnrhythm.tasks.countdown import split_of
@@ -181,24 +182,20 @@ def warm_start(model, tokenizer, rows: list[dict], steps: int, lr: float = 1e-4,
 
 
 # ----------------------------------------------------------------------------- command
-def _opt(help_text: str, **meta):
-    return dict(metadata=dict(help=help_text, **meta))
-
-
 @dataclass
 class SftSettings:
     """What `attnrhythm sft` trains and where it saves the warm model."""
 
-    out: str = field(default="runs/warm", **_opt("folder to save the warm model and tokenizer to"))
-    model: str = field(default="smollm2-135m", **_opt("embedded name, local model folder or hub id"))
-    task: str = field(default="countdown-easy", **_opt("countdown or countdown-easy", choices=("countdown", "countdown-easy")))
-    template: str = field(default="base", **_opt("prompt template: plain text or chat messages", choices=("base", "chat")))
-    n: int = field(default=2000, **_opt("train-split instances to draw"))
-    steps: int = field(default=30, **_opt("optimizer steps"))
-    lr: float = field(default=1e-4, **_opt("AdamW learning rate"))
-    batch_size: int = field(default=8, **_opt("examples per step"))
-    seed: int = field(default=1234, **_opt("data and order seed (differs from RL's prompt seed, so RL mostly sees "
-                                           "fresh train instances)"))
+    out: str = option("runs/warm", "folder to save the warm model and tokenizer to")
+    model: str = option("smollm2-135m", "embedded name, local model folder or hub id")
+    task: str = option("countdown-easy", "countdown or countdown-easy", choices=("countdown", "countdown-easy"))
+    template: str = option("base", "prompt template: plain text or chat messages", choices=("base", "chat"))
+    n: int = option(2000, "train-split instances to draw")
+    steps: int = option(30, "optimizer steps")
+    lr: float = option(1e-4, "AdamW learning rate")
+    batch_size: int = option(8, "examples per step")
+    seed: int = option(1234, "data and order seed (differs from RL's prompt seed, so RL mostly sees fresh train "
+                       "instances)")
 
 
 SETTINGS = SftSettings
