@@ -105,3 +105,11 @@ def test_nothing_imports_cli_or_another_modules_private_names():
             bad += [f"{rel} imports {module}.{n}" for n in names
                     if module.startswith("attnrhythm") and n.startswith("_") and n != "__version__"]
     assert not bad, "\n".join(bad)
+
+
+def test_moved_modules_are_still_attributes_of_the_package():
+    import attnrhythm
+    sys.modules.pop("attnrhythm.metrics", None)
+    attnrhythm.__dict__.pop("metrics", None)
+    with pytest.warns(DeprecationWarning, match="attnrhythm.core.metrics"):
+        assert attnrhythm.metrics.rhythm_from_stats is attnrhythm.rhythm_from_stats
