@@ -7,7 +7,6 @@ import logging
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ import torch
 from attnrhythm import log
 from attnrhythm.cli import COMMANDS, build_parser, main
 from attnrhythm.data import Problem
-from attnrhythm.errors import UserError
 from attnrhythm.generation import generate, sample_responses
 from attnrhythm.studies import analyze as analysis
 from attnrhythm.studies.analyze import AnalyzeSettings, run_analysis

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from attnrhythm import generation, io, log
+from attnrhythm import io, log
 from attnrhythm.capture import BACKENDS, capture_statistics, check_backend_memory, resolve_layers
 from attnrhythm.core.config import ANALYSIS_HORIZON, RhythmConfig, parse_horizon, parse_layers
 from attnrhythm.core.couplings import couplings_markdown, couplings_table, response_couplings

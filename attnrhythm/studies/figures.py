@@ -10,8 +10,7 @@ Matplotlib runs on the Agg backend (no display needed).
 """
 from __future__ import annotations
 
-import io
-import math
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import torch
 from attnrhythm.capture import available_bytes, attention_maps, model_layer_count
 from attnrhythm.core.config import RhythmConfig
 from attnrhythm.core.couplings import find_peaks
+from attnrhythm.io import float_series, write_bytes
 
 
 MIN_FIGURE_TOKENS = 32
@@ -50,7 +50,7 @@ def _pyplot():
 
 
 def _png(fig) -> bytes:
-    buffer = io.BytesIO()
+    buffer = BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     _pyplot().close(fig)
     return buffer.getvalue()
@@ -98,8 +98,7 @@ def attention_maps_png(local: np.ndarray, global_: np.ndarray, title: str = "") 
 def rhythm_curves_png(record: dict, config: RhythmConfig = RhythmConfig(), title: str = "") -> bytes:
     """WAAD, FAI (global and receiver heads) and entropy of one record, peaks marked."""
     plt = _pyplot()
-    series = {key: np.array([math.nan if v is None else v for v in record.get(key) or []], dtype=float)
-              for key in ("waad", "fai", "fai_receiver", "entropy")}
+    series = {key: float_series(record.get(key) or []).numpy() for key in ("waad", "fai", "fai_receiver", "entropy")}
     # receiver-head FAI gets its own panel: its scale is often several times the global one
     panels = [("WAAD", ["waad"]), ("FAI", ["fai"]), ("FAI", ["fai_receiver"]), ("entropy", ["entropy"])]
     labels = {"waad": "WAAD, local heads", "fai": "FAI, global heads", "fai_receiver": "FAI, receiver heads",
@@ -133,13 +132,12 @@ def write_figures(model, record: dict, folder, config: RhythmConfig = RhythmConf
     import importlib.util
     if importlib.util.find_spec("matplotlib") is None:
         return {"skipped": "figures: matplotlib is not installed (pip install matplotlib)"}
-    from attnrhythm.io import write_bytes as atomic_write_bytes
 
     folder = Path(folder)
 
     title = f"problem {record['id']}: {len(record['response_token_ids'])} response tokens"
     out = {}
-    atomic_write_bytes(folder / "rhythm_curves.png", rhythm_curves_png(record, config, title))
+    write_bytes(folder / "rhythm_curves.png", rhythm_curves_png(record, config, title))
     out["rhythm_curves"] = "figures/rhythm_curves.png"
     ids = record["prompt_token_ids"] + record["response_token_ids"]
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -152,6 +150,6 @@ def write_figures(model, record: dict, folder, config: RhythmConfig = RhythmConf
     maps = attention_maps(model, torch.tensor(ids, device=device), record["layers"]).cpu()
     local = aggregate_maps(maps, record["layers"], record["local_heads"])[start:, start:].numpy()
     global_ = aggregate_maps(maps, record["layers"], record["global_heads"])[start:, start:].numpy()
-    atomic_write_bytes(folder / "attention_maps.png", attention_maps_png(local, global_, title))
+    write_bytes(folder / "attention_maps.png", attention_maps_png(local, global_, title))
     out["attention_maps"] = "figures/attention_maps.png"
     return out
