@@ -84,7 +84,20 @@ def check_model(name_or_path: str) -> str:
         hint = f"did you mean {guess!r}? " if guess else ""
         raise UserError(f"unknown model {name_or_path!r}: {hint}use one of {sorted(EMBEDDED)}, a local model folder, "
                         "or a Hugging Face hub id like 'Qwen/Qwen3-4B-Base'")
+    if _offline() and not _in_hub_cache(name_or_path):
+        raise MissingInput(f"{name_or_path!r} is neither a local model folder nor a hub model in the local cache, and "
+                           "the hub is offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)")
     return "hub"
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
 def resolve_model_path(name_or_path: str) -> str:

@@ -15,6 +15,7 @@ import torch
 from attnrhythm import log
 from attnrhythm.cli import COMMANDS, build_parser, main
 from attnrhythm.data import Problem
+from attnrhythm.errors import UserError
 from attnrhythm.generation import generate, sample_responses
 from attnrhythm.studies import analyze as analysis
 from attnrhythm.studies.analyze import AnalyzeSettings, run_analysis
@@ -271,3 +272,22 @@ def test_fai_row_counts_are_recorded_shown_and_shaded(tiny_model, tokenizer, tmp
     assert "fewer than 10 rows are shaded" in (tmp_path / "report.html").read_text()
     assert FEW_FAI_ROWS == 10 and few_rows_spans([30, 12, 9, 3, 0]) == [(2, 5)]
     assert few_rows_spans([5, 20, 1]) == [(0, 1), (2, 3)] and few_rows_spans([]) == []
+
+
+def test_an_uncached_hub_id_offline_is_refused_before_loading(tmp_path, capsys, refuse_models, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["train", "--model", "runs/warm", "--out", str(tmp_path / "run")]) == 2
+    assert "neither a local model folder nor a hub model in the local cache" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_that_fails_to_start_leaves_no_config(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("trl")
+
+    def unloadable(*args, **kwargs):
+        raise UserError("could not load model 'x' (a corrupt weights file)")
+    monkeypatch.setattr("attnrhythm.models.check_model", lambda name: "folder")
+    monkeypatch.setattr("attnrhythm.models.load_model", unloadable)
+    assert main(["train", "--model", "x", "--out", str(tmp_path / "run")]) == 2
+    assert "corrupt weights" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "config.yaml").exists()

@@ -212,15 +212,22 @@ def train(config: TrainConfig, checkpoint: str | None = None):
 
     validate(config)
     config = resolved(config, int(os.environ.get("WORLD_SIZE", "1")))
+    config_path = os.path.join(config.out, "config.yaml")
+    fresh = not os.path.exists(config_path)
     os.makedirs(config.out, exist_ok=True)
     if _is_main():
-        save_yaml(config, os.path.join(config.out, "config.yaml"))
+        save_yaml(config, config_path)
         # a fresh run starts an empty file; a resumed one keeps exactly the steps its checkpoint has
         step = io.read_json(os.path.join(checkpoint, "trainer_state.json"))["global_step"] if checkpoint else 0
         truncate_metrics(os.path.join(config.out, "metrics.jsonl"), step)
         if checkpoint:
             logger.info(f"resuming from {checkpoint} (step {step})")
-    trainer = build_trainer(config, resuming=checkpoint is not None)
+    try:
+        trainer = build_trainer(config, resuming=checkpoint is not None)
+    except BaseException:
+        if fresh and _is_main():  # a run that never started leaves no config.yaml to mistake for one
+            os.remove(config_path)
+        raise
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(config.out)  # the final model next to its config: `attnrhythm eval --model DIR`
     logger.info(f"finished at step {trainer.state.global_step}/{config.max_steps}; model and metrics.jsonl in {config.out}")
