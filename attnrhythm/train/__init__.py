@@ -1,8 +1,8 @@
 """GRPO with rhythm credit on TRL (docs/method.md sections 4 and 6).
 
 ``trainer`` holds the GRPOTrainer subclass, ``config`` the run config, ``run`` the `train`
-command; ``sft`` (warm start) and ``evaluate`` (the `eval` command) sit beside them.  Imports are
-lazy so that ``attnrhythm.train.sft`` does not pull in TRL.
+command; ``sft`` (warm start), ``evaluate`` (the `eval` command) and ``plot`` (curves) sit beside
+them.  Imports are lazy so that ``attnrhythm.train.sft`` does not pull in TRL.
 """
 from __future__ import annotations
 
