@@ -33,6 +33,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from attnrhythm.capture import position_ids_from_mask, text_config
 from attnrhythm.data import Problem, chat_messages, paper_prompt
@@ -121,33 +122,32 @@ def _output_cache(out):
     return cache if cache is not None else out.past_key_values
 
 
+class _AppendingLayer(DynamicLayer):
+    """A DynamicLayer that appends into spare room instead of concatenating the whole cache anew
+    at every step (that copy, B x (prefix + new) per layer per step, was half of decoding time)."""
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
+        if not self.is_initialized or self.keys.numel() == 0:
+            return super().update(key_states, value_states, *args, **kwargs)
+        n, k = self.keys.shape[-2], key_states.shape[-2]
+        room = getattr(self, "room", None)
+        # the room is stale once batch_select_indices/repeat_interleave replaced keys
+        if room is None or room[0].shape[-2] < n + k or room[0].data_ptr() != self.keys.data_ptr() \
+                or room[0].shape[0] != self.keys.shape[0]:
+            room = tuple(x.new_empty(*x.shape[:-2], 2 * (n + k) + 64, x.shape[-1]) for x in (self.keys, self.values))
+            room[0][..., :n, :], room[1][..., :n, :] = self.keys, self.values
+            self.room = room
+        room[0][..., n:n + k, :], room[1][..., n:n + k, :] = key_states, value_states
+        self.keys, self.values = room[0][..., :n + k, :], room[1][..., :n + k, :]
+        return self.keys, self.values
+
+
 def _appending(cache):
     """The cache with its full-attention layers appending in place (sliding-window layers keep
     their own update)."""
-    from transformers.cache_utils import DynamicLayer
-
-    class AppendingLayer(DynamicLayer):
-        """Appends into spare room instead of concatenating the whole cache anew at every step
-        (that copy, B x (prefix + new) per layer per step, was half of decoding time)."""
-
-        def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
-            if not self.is_initialized or self.keys.numel() == 0:
-                return super().update(key_states, value_states, *args, **kwargs)
-            n, k = self.keys.shape[-2], key_states.shape[-2]
-            room = getattr(self, "room", None)
-            # the room is stale once batch_select_indices/repeat_interleave replaced keys
-            if room is None or room[0].shape[-2] < n + k or room[0].data_ptr() != self.keys.data_ptr() \
-                    or room[0].shape[0] != self.keys.shape[0]:
-                room = tuple(x.new_empty(*x.shape[:-2], 2 * (n + k) + 64, x.shape[-1]) for x in (self.keys, self.values))
-                room[0][..., :n, :], room[1][..., :n, :] = self.keys, self.values
-                self.room = room
-            room[0][..., n:n + k, :], room[1][..., n:n + k, :] = key_states, value_states
-            self.keys, self.values = room[0][..., :n + k, :], room[1][..., :n + k, :]
-            return self.keys, self.values
-
     for layer in getattr(cache, "layers", []):
         if type(layer) is DynamicLayer:
-            layer.__class__ = AppendingLayer
+            layer.__class__ = _AppendingLayer
     return cache
 
 
@@ -155,8 +155,6 @@ def _appending(cache):
 def prefill(model, ids: Tensor, attention_mask: Tensor | None = None, keep: Tensor | None = None):
     """(KV cache, logits [B, S', V]) of ids [B, S] (left padding marked by ``attention_mask``);
     logits only at the positions ``keep`` (1-D) if given."""
-    from transformers import DynamicCache
-
     kwargs = {_cache_keyword(model): DynamicCache(config=model.config)}
     if keep is not None:
         kwargs["logits_to_keep"] = keep
@@ -242,7 +240,6 @@ def generate(model, prompts: list[list[int]], budgets: list[int], stop_ids: set[
         raise UserError("cannot generate from an empty prompt")
     if not prompts:
         return []
-    from transformers import DynamicCache
 
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts) - 1
