@@ -168,6 +168,7 @@ def test_train_answers_bad_input_in_one_line_before_loading(extra, message, tmp_
     (["--task", "gsm8kk"], "did you mean 'gsm8k'"),
     (["--model", str(Path("/nonexistent") / "model")], "unknown model"),
     (["--samples", "0"], "at least 1"),
+    (["--task", "math-jsonl:/nonexistent/problems.jsonl"], "does not exist"),
 ])
 def test_eval_answers_bad_input_in_one_line_before_loading(extra, message, tmp_path, capsys, refuse_models):
     assert main(["eval", "--out", str(tmp_path / "e.json"), *extra]) == 2

@@ -85,11 +85,12 @@ def summarize(scores: list[list[float]], lengths: list[list[int]] | None = None,
 
 def evaluate(model, tokenizer, task, n: int = 512, samples: int = 1, temperature: float | None = None,
              max_new_tokens: int = 256, batch_size: int = 32, seed: int = 0, template: str = "base",
-             split: str = "test", progress: bool = False) -> dict:
+             split: str = "test", progress: bool = False, rows: list[dict] | None = None) -> dict:
     """Evaluate on ``n`` problems of the task's ``split`` (test by default).
 
     ``task`` is a Task or a task name.  The same ``seed`` draws the problems and seeds sampling,
-    so two models evaluated with the same arguments see the same problems.  Returns
+    so two models evaluated with the same arguments see the same problems; ``rows`` are those
+    problems when the caller loaded them already.  Returns
     ``{"settings": ..., "metrics": ..., "problems": [{task fields, "scores", "completions"}]}``.
     """
     if samples < 1 or (n is not None and n < 1):
@@ -97,7 +98,7 @@ def evaluate(model, tokenizer, task, n: int = 512, samples: int = 1, temperature
     if samples > 1 and not temperature:
         temperature = 1.0  # avg@k needs sampling; 1.0 is the paper's sampling temperature
     task = get_task(task, template) if isinstance(task, str) else task
-    rows = task.load(split, n, seed)
+    rows = task.load(split, n, seed) if rows is None else rows
     t0 = time.time()
     texts, lengths = generate(model, tokenizer, [r["prompt"] for r in rows], samples, temperature,
                               max_new_tokens, batch_size, seed, progress)
@@ -177,13 +178,14 @@ def run_evaluation(settings: EvalSettings) -> dict:
     if settings.samples < 1 or settings.n < 1:
         raise UserError(f"--samples and --n must be at least 1, got {settings.samples} and {settings.n}")
     task = get_task(settings.task, settings.template)
+    rows = task.load(settings.split, settings.n, settings.seed)  # a missing data file fails here, not later
     path = resolve_model_dir(settings.model)
     models.check_model(path)
     model, tokenizer = models.load_model(path, dtype=settings.dtype, device=settings.device)
     result = evaluate(model, tokenizer, task, n=settings.n, samples=settings.samples,
                       temperature=settings.temperature, max_new_tokens=settings.max_new_tokens,
                       batch_size=settings.batch_size, seed=settings.seed, template=settings.template,
-                      split=settings.split, progress=True)
+                      split=settings.split, progress=True, rows=rows)
     result = {"model": settings.model, "model_path": path, "step": settings.step, **result}
     if settings.out:
         io.write_json(settings.out, result)
