@@ -10,7 +10,10 @@ Pipeline (the Python API is what the CLI runs):
    computes the Table 2 couplings.  Per-head FAI of this process's responses is kept in memory;
    responses reused by ``--resume`` are recaptured from their stored token ids.
 3. :func:`run_analysis` drives both with ``metrics.jsonl`` appended and flushed per response, then
-   writes ``couplings.json``/``couplings.md``, figures and ``report.html`` (``report.py``).
+   writes ``couplings.json``/``couplings.md``, figures and ``report.html`` (``report.py``); a run
+   that fails records ``"status": "failed"`` and the error in ``run.json``.
+4. :func:`run_analysis_command` (``AnalyzeSettings`` -> run.json) is the `analyze` command: it
+   checks the settings, loads the problems, then the model, then runs.
 
 Defaults: the FAI horizon is the paper appendix's analysis horizon (every later token,
 ``config.ANALYSIS_HORIZON``); head sets are per response; entropy at temperature 1.
