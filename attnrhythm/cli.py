@@ -38,7 +38,14 @@ COMMANDS = {
     "eval": ("attnrhythm.train.evaluate",
              "Score a model, or the latest checkpoint of a training run, on a task's test problems "
              "(pass@1, avg@k, pass@k)."),
-    "plot": ("attnrhythm.train.plot", "Draw the training and evaluation curves of several runs in one figure."),
+    "plot": ("attnrhythm.train.plot", "Draw the training and evaluation curves of several runs in one figure "
+             "(--rhythm: how the attention rhythm drifts over training)."),
+    "compare": ("attnrhythm.train.compare",
+                "Compare trained runs with their starting model on the same test problems: pass@1 before and "
+                "after, the gain with a paired 95% bootstrap interval (results.json, results.md)."),
+    "credit-view": ("attnrhythm.train.rhythm_views",
+                    "Show sampled training rollouts as HTML, every token coloured by its credit (gamma) and "
+                    "labelled by its set (preplan, anchor, dominated anchor, intro)."),
     "sft": ("attnrhythm.train.sft",
             "Supervised warm start: teach a model the Countdown answer format from solver-written solutions "
             "before GRPO."),

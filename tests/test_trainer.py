@@ -48,13 +48,14 @@ def id_reward(prompts, completions, completion_ids, **kwargs):
     return [float(sum(ids) % 7) for ids in completion_ids]
 
 
-def make_trainer(cls, model_dir, out, **extra):
+def make_trainer(cls, model_dir, out, args_overrides=None, **extra):
     model, tok = load_model(model_dir, dtype="float32", device="cpu")
-    args = GRPOConfig(output_dir=str(out), max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=1,
-                      steps_per_generation=2, num_generations=2, max_completion_length=12, loss_type="grpo",
-                      beta=0.0, learning_rate=1e-2, lr_scheduler_type="constant", use_cpu=True, bf16=False, seed=0,
-                      report_to="none", logging_steps=1, save_strategy="no", gradient_checkpointing=True,
-                      disable_tqdm=True)
+    settings = dict(output_dir=str(out), max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                    steps_per_generation=2, num_generations=2, max_completion_length=12, loss_type="grpo",
+                    beta=0.0, learning_rate=1e-2, lr_scheduler_type="constant", use_cpu=True, bf16=False, seed=0,
+                    report_to="none", logging_steps=1, save_strategy="no", gradient_checkpointing=True,
+                    disable_tqdm=True)
+    args = GRPOConfig(**{**settings, **(args_overrides or {})})
     return cls(model=model, reward_funcs=[id_reward], args=args, train_dataset=Dataset.from_list(
         [{"prompt": p} for p in PROMPTS]), processing_class=tok, **extra)
 
@@ -181,3 +182,68 @@ def test_truncate_metrics_drops_cut_and_later_lines(tmp_path):
 def test_unknown_strategy_is_refused():
     with pytest.raises(ValueError, match="credit strategy"):
         CreditConfig(strategy="anchors")
+
+
+def constant_reward(prompts, completions, completion_ids, **kwargs):
+    """Countdown's format-only reward for every completion: no signal anywhere."""
+    return [0.1] * len(completions)
+
+
+# G = 8: the float32 mean of eight 0.1 rewards is not 0.1 (with G <= 6 it happens to be exact)
+EIGHT = {"num_generations": 8, "per_device_train_batch_size": 8, "steps_per_generation": 2, "max_steps": 2}
+
+
+@pytest.mark.parametrize("strategy", ["none", "coupled"])
+def test_equal_reward_groups_leave_the_weights_unchanged(tiny_model, tmp_path, strategy):
+    trainer = make_trainer(RhythmGRPOTrainer, tiny_model, tmp_path / strategy, EIGHT,
+                           credit=CreditConfig(strategy=strategy))
+    trainer.reward_funcs = [constant_reward]
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    moved = [n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p)]
+    assert not moved, f"a signal-free batch moved {moved[:3]}"
+    logged = [h["rollout/groups_with_signal"] for h in trainer.state.log_history if "rollout/groups_with_signal" in h]
+    assert logged and all(x == 0.0 for x in logged)
+
+
+def test_stock_trl_moves_weights_on_equal_rewards(tiny_model, tmp_path):
+    """The bug the option fixes: with TRL's arithmetic, 0.1-only groups still move the weights."""
+    trainer = make_trainer(RhythmGRPOTrainer, tiny_model, tmp_path / "stock", EIGHT,
+                           credit=CreditConfig(strategy="none", zero_equal_groups=False))
+    trainer.reward_funcs = [constant_reward]
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+
+
+def test_drift_and_rollout_samples_are_logged(tiny_model, tmp_path):
+    trainer = make_trainer(RhythmGRPOTrainer, tiny_model, tmp_path / "drift", {"max_steps": 4},
+                           credit=CreditConfig(strategy="coupled", kl_to_start=True, rollout_samples=2))
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "rhythm/jaccard_local" in h]
+    assert logs and logs[0]["rhythm/jaccard_local"] == 1.0 and logs[0]["rhythm/jaccard_global"] == 1.0
+    for key in ("rhythm/waad_mean", "rhythm/fai_peak_density", "rollout/kl_to_start"):
+        assert all(math.isfinite(h[key]) for h in trainer.state.log_history if key in h), key
+    kl = [h["rollout/kl_to_start"] for h in trainer.state.log_history if "rollout/kl_to_start" in h]
+    assert kl[0] == pytest.approx(0.0, abs=1e-6), "the first rollout is sampled from the starting model"
+    assert kl[-1] > 0, "lr 1e-2 must move the policy away from the start"
+    with open(tmp_path / "drift" / "rollouts.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert len(rows) == 2 * len(kl)
+    row = rows[0]
+    assert len(row["tokens"]) == len(row["gamma"]) == len(row["sets"]) == len(row["waad"])
+    assert all(g > 1 for g, s in zip(row["gamma"], row["sets"]) if s == "anchor")
+
+
+def test_drift_jaccard_and_series_sums():
+    from attnrhythm.train.drift import head_sets, jaccard, series_sums  # noqa: E402
+    d = torch.tensor([[1.0, 5.0, 3.0], [9.0, 2.0, 7.0]])
+    local, global_ = head_sets(d, [4, 8], 0.2)
+    assert local == {(4, 0)} and global_ == {(8, 0)}
+    assert jaccard({(1, 2)}, {(1, 2), (3, 4)}) == 0.5 and jaccard(set(), set()) == 1.0
+    waad = torch.tensor([[0.0, 2.0, 1.0, 3.0, 0.0]])
+    fai = torch.tensor([[0.1, 0.5, 0.2, float("nan"), float("nan")]])
+    mask = torch.tensor([[True, True, True, True, False]])
+    sums = series_sums(waad, fai, mask, 0.4)
+    assert sums["tokens"] == 4 and sums["waad_sum"] == 6.0 and sums["fai_defined"] == 3
+    assert sums["fai_sum"] == pytest.approx(0.8) and sums["waad_peaks"] == 2 and sums["fai_peaks"] == 1

@@ -1,7 +1,8 @@
 """Everything a `train` run needs, as one dataclass that round-trips through YAML.
 
-Resolution order (later wins): dataclass defaults < ``DIR/config.yaml`` of a resumed run <
-``--config run.yaml`` < command-line flags.  The resolved config is written to
+Resolution order (later wins): dataclass defaults (the paper's settings) < the preset (``cpu``,
+``gpu`` or ``paper``; by default ``gpu`` with a CUDA device, else ``cpu``) < ``DIR/config.yaml``
+of a resumed run < ``--config run.yaml`` < command-line flags.  The resolved config is written to
 ``DIR/config.yaml`` and can be passed back with ``--config``.
 
 Defaults follow the paper (docs/method.md sections 4 and 6) and are set explicitly even where they
@@ -21,8 +22,31 @@ CREDITS = CREDIT_NAMES  # the registry's names (attnrhythm.core.credit.CREDITS)
 _RHYTHM_FIELDS = {f.name for f in fields(RhythmConfig)}
 
 
+# Sizes of a run.  'paper' is the dataclass defaults (the paper's settings); 'cpu' fits a 2-core
+# machine (a rollout batch of 32 completions of SmolLM2-135M takes 3 to 8 minutes there, see
+# docs/training.md); 'gpu' fits one GPU.  A preset sits between the defaults and everything else:
+# a --config file and flags override it.
+PRESETS: dict[str, dict] = {
+    "paper": {},
+    "cpu": dict(task="countdown-easy", num_generations=8, per_device_batch=8, steps_per_generation=4,
+                max_completion_length=128, learning_rate=1e-5, temperature=1.0, max_steps=32,
+                gradient_checkpointing=False, save_steps=16, save_total_limit=1, device="cpu"),
+    "gpu": dict(task="countdown-easy", num_generations=8, per_device_batch=32, steps_per_generation=8,
+                max_completion_length=256, learning_rate=1e-5, temperature=1.0, max_steps=160,
+                gradient_checkpointing=False, save_steps=40, save_total_limit=1, bf16=True),
+}
+
+
+def default_preset() -> str:
+    import torch
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
 @dataclass
 class TrainConfig:
+    preset: str | None = None
+    """Sizes: 'cpu', 'gpu' or 'paper' (PRESETS); None = 'gpu' with a CUDA device, else 'cpu'."""
+
     # what to train on
     model: str = "smollm2-135m"
     """Embedded name, local Hugging Face folder or hub id."""
@@ -46,6 +70,13 @@ class TrainConfig:
     """Sequences per attention pass chunk; None = per_device_batch (as TRL's own log-prob pass)."""
     capture_with_none: bool = False
     """Run the attention pass also for credit='none' (to log head groups and its cost; gamma stays 1)."""
+    zero_equal_groups: bool = True
+    """Advantage exactly 0 for groups whose rewards are all equal (TRL's float32 mean leaves ~1e-4
+    residues that Adam turns into full steps); False = stock TRL arithmetic."""
+    kl_to_start: bool = False
+    """Log the KL of the policy to the starting model per rollout batch (one more model in memory)."""
+    rollout_samples: int = 2
+    """Completions per rollout batch written to DIR/rollouts.jsonl for `attnrhythm credit-view`."""
 
     # GRPO and optimisation: the paper's settings (docs/method.md section 6)
     num_generations: int = 8
@@ -90,6 +121,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.rhythm, dict):
             self.rhythm = RhythmConfig.from_dict(self.rhythm)
+        if self.preset is not None and self.preset not in PRESETS:
+            hint = closest(self.preset, list(PRESETS))
+            raise UserError(f"preset must be one of {', '.join(PRESETS)}; got {self.preset!r}"
+                            + (f" (did you mean {hint!r}?)" if hint else ""))
         get_credit(self.credit)  # an unknown name is a UserError naming the closest one
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise UserError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
@@ -109,6 +144,17 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         return cls().update(d)
+
+    @classmethod
+    def from_layers(cls, *layers: dict) -> "TrainConfig":
+        """defaults < the preset (named by the last layer that names one, else the machine's) <
+        ``layers`` in order."""
+        preset = next((layer["preset"] for layer in reversed(layers) if layer.get("preset")), None) or default_preset()
+        config = cls(preset=preset)  # validates the name before it indexes PRESETS
+        config = config.update(PRESETS[preset])
+        for layer in layers:
+            config = config.update(layer)
+        return config
 
     def update(self, changes: dict) -> "TrainConfig":
         """A new config with ``changes``; RhythmConfig fields may be given at the top level
@@ -237,4 +283,4 @@ def train_size(config: TrainConfig, world_size: int = 1) -> int:
     return int(min(20_000, max(64, prompts)))
 
 
-__all__ = ["CREDITS", "TrainConfig", "load_yaml", "resolve_device", "resolved", "save_yaml", "to_grpo_config", "train_size"]
+__all__ = ["CREDITS", "PRESETS", "TrainConfig", "default_preset", "load_yaml", "resolve_device", "resolved", "save_yaml", "to_grpo_config", "train_size"]

@@ -166,6 +166,8 @@ class PlotSettings:
     out: str = option("curves.png", "PNG to write")
     alpha: float = option(0.1, "running-peak smoothing a in (0, 1]")
     title: str | None = option(None, "figure title")
+    rhythm: bool = option(False, "draw the rhythm drift per rollout batch instead (head-set overlap with the first "
+                          "batch, group distances, WAAD/FAI means and peak densities, gamma set shares)")
 
 
 SETTINGS = PlotSettings
@@ -175,6 +177,12 @@ def command(settings: PlotSettings, command_line: str | None = None) -> int:
     missing = [d for d in settings.runs if not os.path.isdir(d)]
     if missing:
         raise UserError(f"not a folder: {', '.join(missing)}")
+    if settings.rhythm:
+        from attnrhythm.train.rhythm_views import plot_rhythm
+
+        empty = plot_rhythm(settings.runs, settings.out)
+        log.emit(f"wrote {settings.out}" + (f" (not logged by these runs: {', '.join(empty)})" if empty else ""))
+        return 0
     summary = plot_runs(settings.runs, settings.metric, settings.out, settings.alpha, settings.title)
     lines = []
     for name, by_metric in summary.items():

@@ -23,6 +23,8 @@ logger = log.get_logger(__name__)
 
 # (flag, TrainConfig field, type, choices, help); the defaults shown come from TrainConfig
 FLAGS = [
+    ("--preset", "preset", str, ("cpu", "gpu", "paper"), "run sizes: cpu, gpu (one GPU) or the paper's "
+     "(none: gpu with CUDA, else cpu)"),
     ("--model", "model", str, None, "embedded name (smollm2-135m), local model folder or hub id"),
     ("--task", "task", str, None, "countdown, countdown-easy, gsm8k, math-jsonl:PATH, choice-jsonl:PATH"),
     ("--template", "template", str, ("base", "chat"), "prompt template: plain text or chat messages"),
@@ -41,6 +43,7 @@ FLAGS = [
     ("--steps-per-generation", "steps_per_generation", int, None, "optimizer steps per rollout batch (paper: 16)"),
     ("--max-completion-length", "max_completion_length", int, None, "tokens per completion"),
     ("--learning-rate", "learning_rate", float, None, "AdamW learning rate (paper: 1e-6)"),
+    ("--temperature", "temperature", float, None, "sampling temperature of the rollouts (paper: 1.0)"),
     ("--max-steps", "max_steps", int, None, "optimizer steps"),
     ("--train-size", "train_size", int, None, "training prompts (none: what max-steps consumes)"),
     ("--seed", "seed", int, None, "seed of data, sampling and credit"),
@@ -55,7 +58,8 @@ FLAGS = [
 
 
 def _default(name: str):
-    config = TrainConfig()
+    """What a bare `train` uses on this machine (the machine's preset over the defaults)."""
+    config = TrainConfig.from_layers()
     return getattr(config, name) if hasattr(config, name) else getattr(config.rhythm, name)
 
 
@@ -97,20 +101,21 @@ def last_checkpoint(out: str) -> str | None:
 
 
 def resolve(args) -> tuple[TrainConfig, str | None]:
-    """(config, checkpoint to resume from): defaults < DIR/config.yaml (--resume) < --config < flags.
+    """(config, checkpoint to resume from): defaults < preset < DIR/config.yaml (--resume) < --config
+    < flags.
     ``args``: a TrainSettings (or any object with its attributes)."""
     flags = {name: getattr(args, name) for _, name, *_ in FLAGS if getattr(args, name, None) is not None}
     from_yaml = load_yaml(args.config) if getattr(args, "config", None) else {}
     out = flags.get("out") or from_yaml.get("out") or TrainConfig().out
-    config, checkpoint = TrainConfig(), None
+    saved, checkpoint = {}, None
     if getattr(args, "resume", False):
-        saved = os.path.join(out, "config.yaml")
-        if os.path.exists(saved):
-            config = config.update(load_yaml(saved))
+        path = os.path.join(out, "config.yaml")
+        if os.path.exists(path):
+            saved = load_yaml(path)
         checkpoint = last_checkpoint(out)
     elif last_checkpoint(out) is not None:
         raise UserError(f"{out} already holds checkpoints: pass --resume to continue that run, or choose another --out")
-    return config.update(from_yaml).update(flags), checkpoint
+    return TrainConfig.from_layers(saved, from_yaml, flags), checkpoint
 
 
 def validate(config: TrainConfig) -> None:

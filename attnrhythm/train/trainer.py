@@ -9,6 +9,12 @@ prompt + completion, compute gamma and hand TRL ``A_i * gamma_t``.  ``credit='no
 stock TRL's loss exactly; tests/test_trainer.py checks it so that a TRL upgrade that breaks the
 contract fails CI.
 
+Two more overrides keep the learning signal honest: ``_calculate_rewards`` keeps the rewards so
+that a group whose rewards are all equal gets an advantage of exactly 0 (``zero_equal_groups``;
+TRL's float32 arithmetic leaves ~1e-4 residues there that Adam turns into full steps), and the
+share of groups with a signal is logged per rollout batch, with the rhythm drift (``drift.py``),
+optionally the KL to the starting model, and a few rollouts token by token (``rollouts.jsonl``).
+
 The other overrides are bookkeeping: ``log`` (attention-pass share of step time),
 ``_save_checkpoint`` / ``_load_optimizer_and_scheduler`` (fixed head sets survive --resume, the
 pattern TRL uses for its entropy controller).
@@ -35,9 +41,11 @@ from attnrhythm.core.credit import (CREDIT_NAMES, apply_sign, credit_sets, gamma
                                     get_credit, high_entropy_selection_mask)
 from attnrhythm.core.heads import HeadSets
 from attnrhythm.core.metrics import calibration_distance, heads_from_distance, rhythm_from_stats
+from attnrhythm.train.drift import SERIES_KEYS, drift_metrics, head_sets, series_sums
 
 CREDITS = CREDIT_NAMES  # the registry's names (attnrhythm.core.credit.CREDITS)
 RHYTHM_STATE = "rhythm_state.json"
+ROLLOUTS = "rollouts.jsonl"
 
 
 @dataclass
@@ -52,6 +60,18 @@ class CreditConfig:
     """Sequences per capture chunk; None = per_device_train_batch_size (as TRL's log-prob pass)."""
     capture_with_none: bool = False
     """Also run (and time) the attention pass for strategy 'none'; gamma stays exactly 1."""
+    zero_equal_groups: bool = True
+    """Give every completion of a group whose rewards are all equal an advantage of exactly 0.
+    TRL computes (r - mean) / (std + 1e-4) in float32, and the float32 mean of eight rewards of
+    0.1 is not exactly 0.1: each completion of such a signal-free group would get about -7e-5,
+    which Adam normalises into full-size steps on no signal.  False = stock TRL arithmetic."""
+    kl_to_start: bool = False
+    """Log ``rollout/kl_to_start``, the mean per-token KL (k3 estimate) of the policy to the starting
+    model on each rollout batch.  Keeps a frozen copy of the starting model and costs one forward
+    over the rollout; it never enters the loss."""
+    rollout_samples: int = 2
+    """Completions per rollout batch written to DIR/rollouts.jsonl (tokens, gamma, credit sets)
+    for `attnrhythm credit-view`; 0 = none."""
 
     def __post_init__(self) -> None:
         get_credit(self.strategy)  # an unknown name is a UserError naming the closest one
@@ -60,7 +80,9 @@ class CreditConfig:
     def of(cls, config) -> "CreditConfig":
         """The credit part of a TrainConfig."""
         return cls(strategy=config.credit, rhythm=config.rhythm, head_refresh_steps=config.head_refresh_steps,
-                   capture_batch_size=config.capture_batch_size, capture_with_none=config.capture_with_none)
+                   capture_batch_size=config.capture_batch_size, capture_with_none=config.capture_with_none,
+                   zero_equal_groups=config.zero_equal_groups, kl_to_start=config.kl_to_start,
+                   rollout_samples=config.rollout_samples)
 
 
 class RhythmGRPOTrainer(GRPOTrainer):
@@ -74,14 +96,27 @@ class RhythmGRPOTrainer(GRPOTrainer):
         self._attention_window = 0.0  # attention-pass seconds since the last log
         self._totals = {"attention_s": 0.0, "step_s": 0.0}
         self._extras: dict = {}
+        self._first_heads: tuple[set, set] | None = None  # the first rollout's head sets (drift)
+        self._start_model = None
+        if self.credit.kl_to_start:
+            import copy
+            self._start_model = copy.deepcopy(self.accelerator.unwrap_model(self.model)).eval().requires_grad_(False)
 
     @property
     def captures(self) -> bool:
         return self.credit.strategy != "none" or self.credit.capture_with_none
 
-    # ------------------------------------------------------------------ the override
+    # ------------------------------------------------------------------ the overrides
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        # kept (gathered over processes, as TRL normalises them) to find the signal-free groups
+        self._last_rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        return self._last_rewards
+
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
+        output["advantages"] = self._zero_equal_groups(output["advantages"])
+        if self._start_model is not None:
+            self._log_kl_to_start(output)
         advantages = output["advantages"]
         if not self.captures:
             # the values TRL broadcasts from (B, 1): one code path, and the contract stays tested
@@ -97,6 +132,40 @@ class RhythmGRPOTrainer(GRPOTrainer):
             torch.cuda.synchronize(shaped.device)
         self._record(time.perf_counter() - start, gamma, keep, info, output["completion_mask"].bool())
         return output
+
+    def _zero_equal_groups(self, advantages):
+        """Advantages [B_local] with the rows of equal-reward groups set to exactly 0; logs the
+        share of groups that carry a signal as ``rollout/groups_with_signal``."""
+        rewards_per_func = getattr(self, "_last_rewards", None)
+        if rewards_per_func is None:
+            return advantages
+        mode = "train" if self.model.training else "eval"
+        group = self.num_generations if mode == "train" else self.num_generations_eval
+        weights = self.reward_weights.to(rewards_per_func.device)
+        rewards = (rewards_per_func * weights[None]).nansum(1).view(-1, group)
+        equal = (rewards == rewards[:, :1]).all(1)  # exact: any difference is a signal
+        self._metrics[mode]["rollout/groups_with_signal"].append(1.0 - equal.float().mean().item())
+        if not self.credit.zero_equal_groups:
+            return advantages
+        start = self.accelerator.process_index * advantages.numel()
+        local = equal.repeat_interleave(group)[start:start + advantages.numel()].to(advantages.device)
+        return advantages.masked_fill(local, 0.0)
+
+    @torch.no_grad()
+    def _log_kl_to_start(self, output) -> None:
+        ids = torch.cat([output["prompt_ids"], output["completion_ids"]], 1)
+        mask = torch.cat([output["prompt_mask"], output["completion_mask"]], 1)
+        width, chunk = output["completion_ids"].size(1), self.args.per_device_train_batch_size
+        current = output.get("old_per_token_logps")  # TRL's own pass, when it ran one
+        if current is None:
+            current = self._get_per_token_logps_and_entropies(self.model, ids, mask, width, batch_size=chunk)[0]
+        start = self._get_per_token_logps_and_entropies(self._start_model.to(ids.device), ids, mask, width,
+                                                        batch_size=chunk)[0]
+        diff = start - current
+        valid = output["completion_mask"].bool()
+        total = self._summed({"kl": ((torch.exp(diff) - diff - 1) * valid).sum().item(), "n": valid.sum().item()})
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["rollout/kl_to_start"].append(total["kl"] / max(1.0, total["n"]))
 
     @contextlib.contextmanager
     def _gathered_policy(self):
@@ -131,7 +200,8 @@ class RhythmGRPOTrainer(GRPOTrainer):
         cfg, strategy = self.credit.rhythm, get_credit(self.credit.strategy)
         gamma = torch.ones(batch, width, device=ids.device)
         entropy = torch.full((batch, width), math.nan, device=ids.device)
-        info = {"sets": Counter(), "local": Counter(), "global": Counter(), "distance": torch.zeros(2), "n_seq": 0}
+        info = {"sets": Counter(), "local": Counter(), "global": Counter(), "distance": torch.zeros(2), "n_seq": 0,
+                "series": Counter(), "distance_sum": None, "layers": None, "samples": []}
         # a private, step-seeded generator: random credit is reproducible across --resume and
         # never shifts the global RNG that TRL samples completions with
         generator = torch.Generator().manual_seed(
@@ -153,7 +223,8 @@ class RhythmGRPOTrainer(GRPOTrainer):
                     info["sets"][name] += int((chosen & r.mask).sum())
                 if r.entropy is not None:
                     entropy[s + rows, cols] = r.entropy[rows, js].float()
-                self._count(info, r)
+                self._count(info, r, cfg.peak_q)
+                self._keep_samples(info, r, sets, gamma, s, offset, output)
         keep = None
         if strategy.keeps_batch_share:  # ranks this process's rollout batch together
             keep = high_entropy_selection_mask(entropy, completion_mask.bool(), cfg.high_entropy_share).float()
@@ -171,9 +242,31 @@ class RhythmGRPOTrainer(GRPOTrainer):
             self._heads, self._heads_step = heads_from_distance(distance, self.credit.rhythm), step
         return self._heads
 
+    def _keep_samples(self, info, r, sets, gamma, start, offset, output) -> None:
+        """The first ``rollout_samples`` completions, token by token, for the credit view."""
+        want = self.credit.rollout_samples - len(info["samples"])
+        if want <= 0 or not self.accelerator.is_main_process:
+            return
+        for b in range(min(want, r.mask.shape[0])):
+            n = int(r.mask[b].sum())
+            cols = (r.positions[b, :n] - offset).tolist()
+            ids = output["completion_ids"][start + b, cols].tolist()
+            info["samples"].append({
+                "tokens": [self.processing_class.decode([i]) for i in ids],
+                "gamma": [round(float(gamma[start + b, c]), 4) for c in cols],
+                "sets": ["+".join(name for name, chosen in sets.items() if chosen[b, j]) for j in range(n)],
+                "waad": [round(float(x), 4) for x in r.waad[b, :n]],
+                "fai": [None if x != x else round(float(x), 6) for x in r.fai[b, :n].tolist()],
+                "advantage": float(output["advantages"][start + b]),
+            })
+
     @staticmethod
-    def _count(info, r) -> None:
-        """Head groups and their mean distances of one capture chunk."""
+    def _count(info, r, peak_q: float) -> None:
+        """Head groups, their mean distances and the drift sums of one capture chunk."""
+        info["series"].update(series_sums(r.waad, r.fai, r.mask, peak_q))
+        d_sum = torch.nan_to_num(r.head_distance.float().cpu(), nan=0.0).sum(0)
+        info["distance_sum"] = d_sum if info["distance_sum"] is None else info["distance_sum"] + d_sum
+        info["layers"] = list(r.layers)
         for b in range(r.mask.shape[0]):
             local, global_ = r.local_heads[b], r.global_heads[b]
             info["local"].update((r.layers[l], h) for l, h in local)
@@ -211,11 +304,31 @@ class RhythmGRPOTrainer(GRPOTrainer):
         for name in sorted(k for k in total if k.startswith("set/")):
             metrics[f"rhythm/{name.replace('/', '_')}"].append(total[name] / n)
         metrics["rhythm/attention_s"].append(seconds)
+        self._record_drift(info, metrics)
         self._attention_window += seconds
         n_seq = max(1, info["n_seq"])
         top = lambda c: [[layer, head, round(k / n_seq, 4)] for (layer, head), k in c.most_common(8)]  # noqa: E731
         self._extras["head_groups"] = {"mode": self.credit.rhythm.head_mode, "local": top(info["local"]),
                                        "global": top(info["global"])}
+
+    def _record_drift(self, info, metrics) -> None:
+        """Head-set overlap with the first rollout batch, series means and peak densities; the
+        sampled rollouts go to DIR/rollouts.jsonl."""
+        if info["distance_sum"] is None:
+            return
+        series = self._summed({k: info["series"][k] for k in SERIES_KEYS})
+        flat = info["distance_sum"].flatten().tolist()
+        summed = self._summed({**{f"d{i:05d}": v for i, v in enumerate(flat)}, "n_seq": info["n_seq"]})
+        mean = torch.tensor([summed[f"d{i:05d}"] for i in range(len(flat))]) / max(1.0, summed["n_seq"])
+        local, global_ = head_sets(mean.view_as(info["distance_sum"]), info["layers"], self.credit.rhythm.head_fraction)
+        if self._first_heads is None:
+            self._first_heads = (local, global_)
+        for key, value in drift_metrics(series, local, global_, *self._first_heads).items():
+            metrics[key].append(value)
+        if info["samples"] and self.accelerator.is_main_process:
+            io.append_jsonl(os.path.join(self.args.output_dir, ROLLOUTS),
+                            [{"step": self.state.global_step, "credit": self.credit.strategy, **sample}
+                             for sample in info["samples"]])
 
     def pop_log_extras(self) -> dict:
         """Non-scalar extras of the last rollout (head groups) for metrics.jsonl, once."""
@@ -242,6 +355,7 @@ class RhythmGRPOTrainer(GRPOTrainer):
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             os.makedirs(folder, exist_ok=True)
             state = {"heads_step": self._heads_step, "totals": self._totals,
+                     "first_heads": None if self._first_heads is None else [sorted(x) for x in self._first_heads],
                      "heads": None if self._heads is None else
                      {"local": self._heads.local.tolist(), "global": self._heads.global_.tolist()}}
             io.write_json(os.path.join(folder, RHYTHM_STATE), state)
@@ -254,6 +368,8 @@ class RhythmGRPOTrainer(GRPOTrainer):
             state = io.read_json(path)
             self._heads_step = state["heads_step"]
             self._totals = state["totals"]
+            if state.get("first_heads"):
+                self._first_heads = tuple({tuple(h) for h in x} for x in state["first_heads"])
             if state["heads"] is not None:
                 self._heads = HeadSets(torch.tensor(state["heads"]["local"]), torch.tensor(state["heads"]["global"]))
 

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The credit comparison, end to end, on the embedded model:
+#
+#   1. a supervised warm start on solver-written Countdown solutions (train split) -> OUT/warm
+#   2. greedy pass@1 of the warm start on EVAL_N held-out test problems            -> OUT/warm/eval.json
+#   3. GRPO from the warm start, one run per credit and seed (same data, seeds, steps)
+#   4. greedy pass@1 of each trained model on the same test problems             -> OUT/RUN/eval.json
+#   5. paired gains with 95% bootstrap intervals, curves                          -> OUT/results.{json,md}, OUT/*.png
+#
+# PRESET=cpu (default without a GPU) or gpu picks the sizes of `attnrhythm train` (see
+# docs/training.md); every size below is an environment variable.  A killed comparison resumes
+# where it stopped: finished runs (with eval.json) are skipped, an unfinished one starts again.
+#
+#   OUT=runs/experiment  TASK=countdown-easy  MODEL=smollm2-135m  CREDITS="none random entropy local global coupled"
+#   SEEDS="0"  STEPS=<preset>  SFT_STEPS=30  EVAL_N=256  THREADS=2  EXTRA="" (more train flags)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ -z ${PYTHON:-} ]]; then bash scripts/setup.sh; fi  # installs into .venv once (see setup.sh)
+PY=$(bash scripts/python.sh)
+export PATH="$(dirname "$PY"):$PATH"
+
+OUT=${OUT:-runs/experiment}
+TASK=${TASK:-countdown-easy}
+MODEL=${MODEL:-smollm2-135m}
+CREDITS=${CREDITS:-"none random entropy local global coupled"}
+SEEDS=${SEEDS:-0}
+SFT_STEPS=${SFT_STEPS:-30}
+EVAL_N=${EVAL_N:-256}
+THREADS=${THREADS:-2}
+EXTRA=${EXTRA:-}
+if [[ -z ${PRESET:-} ]]; then
+  PRESET=$("$PY" -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')")
+fi
+STEPS_FLAG=${STEPS:+--max-steps $STEPS}
+
+export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+mkdir -p "$OUT"
+stamp() { date +%H:%M:%S; }
+echo "[$(stamp)] $TASK on $MODEL, preset $PRESET: credits {$CREDITS} x seeds {$SEEDS}, eval on $EVAL_N test problems"
+
+if [[ ! -f $OUT/warm/config.json ]]; then
+  echo "[$(stamp)] warm start ($SFT_STEPS steps) -> $OUT/warm"
+  attnrhythm sft --model "$MODEL" --task "$TASK" --steps "$SFT_STEPS" --lr 1e-4 --batch-size 8 \
+    --n 2000 --seed 1234 --out "$OUT/warm"
+fi
+
+evaluate() {  # evaluate MODEL_DIR
+  [[ -f $1/eval.json ]] && return
+  echo "[$(stamp)] eval $1"
+  attnrhythm eval --model "$1" --task "$TASK" --n "$EVAL_N" --samples 1 --max-new-tokens 128 --seed 0 \
+    --out "$1/eval.json.partial" && mv "$1/eval.json.partial" "$1/eval.json"
+}
+evaluate "$OUT/warm"
+
+runs=()
+for seed in $SEEDS; do
+  for credit in $CREDITS; do
+    run=$OUT/$credit-s$seed
+    runs+=("$run")
+    [[ -f $run/eval.json ]] && continue
+    rm -rf "${run:?}"
+    echo "[$(stamp)] train credit=$credit seed=$seed -> $run"
+    # shellcheck disable=SC2086
+    attnrhythm train --preset "$PRESET" --model "$OUT/warm" --task "$TASK" --credit "$credit" --seed "$seed" \
+      --save-steps 0 $STEPS_FLAG $EXTRA --out "$run"
+    rm -rf "${run:?}"/checkpoint-*   # optimizer state is large; the final model is in the folder
+    evaluate "$run"
+  done
+done
+
+echo "[$(stamp)] results"
+DEVICE=$("$PY" -c "import os, platform, torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU {platform.machine()}, {os.cpu_count()} cores')")
+attnrhythm compare --start "$OUT/warm/eval.json" "${runs[@]}" --out "$OUT" --device "$DEVICE" \
+  --run-command "PRESET=$PRESET CREDITS='$CREDITS' SEEDS='$SEEDS' EVAL_N=$EVAL_N ${STEPS:+STEPS=$STEPS }bash scripts/train_experiment.sh"
+attnrhythm plot "${runs[@]}" --metric reward accuracy rollout/groups_with_signal --out "$OUT/curves.png" \
+  --title "$TASK, $MODEL warm start + GRPO"
+attnrhythm plot --rhythm "${runs[@]}" --out "$OUT/rhythm_drift.png"
+echo "[$(stamp)] done: $OUT/results.md, $OUT/curves.png"
