@@ -11,7 +11,8 @@
 # docs/training.md); every size below is an environment variable.  A killed comparison resumes
 # where it stopped: finished runs (with eval.json) are skipped, an unfinished one starts again.
 #
-#   OUT=runs/experiment  TASK=countdown-easy  MODEL=smollm2-135m  CREDITS="none random entropy local global coupled"
+#   OUT=runs/experiment  TASK=countdown-easy (evaluation)  TRAIN_TASK=$TASK (GRPO; e.g. countdown-easy-dense)
+#   MODEL=smollm2-135m  CREDITS="none random entropy local global coupled"
 #   SEEDS="0"  STEPS=<preset>  SFT_STEPS=30  EVAL_N=256  THREADS=2  EXTRA="" (more train flags)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,7 @@ export PATH="$(dirname "$PY"):$PATH"
 
 OUT=${OUT:-runs/experiment}
 TASK=${TASK:-countdown-easy}
+TRAIN_TASK=${TRAIN_TASK:-$TASK}
 MODEL=${MODEL:-smollm2-135m}
 CREDITS=${CREDITS:-"none random entropy local global coupled"}
 SEEDS=${SEEDS:-0}
@@ -37,7 +39,7 @@ export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
 stamp() { date +%H:%M:%S; }
-echo "[$(stamp)] $TASK on $MODEL, preset $PRESET: credits {$CREDITS} x seeds {$SEEDS}, eval on $EVAL_N test problems"
+echo "[$(stamp)] $TRAIN_TASK -> $TASK on $MODEL, preset $PRESET: credits {$CREDITS} x seeds {$SEEDS}, eval on $EVAL_N test problems"
 
 if [[ ! -f $OUT/warm/config.json ]]; then
   echo "[$(stamp)] warm start ($SFT_STEPS steps) -> $OUT/warm"
@@ -62,7 +64,7 @@ for seed in $SEEDS; do
     rm -rf "${run:?}"
     echo "[$(stamp)] train credit=$credit seed=$seed -> $run"
     # shellcheck disable=SC2086
-    attnrhythm train --preset "$PRESET" --model "$OUT/warm" --task "$TASK" --credit "$credit" --seed "$seed" \
+    attnrhythm train --preset "$PRESET" --model "$OUT/warm" --task "$TRAIN_TASK" --credit "$credit" --seed "$seed" \
       --save-steps 0 $STEPS_FLAG $EXTRA --out "$run"
     rm -rf "${run:?}"/checkpoint-*   # optimizer state is large; the final model is in the folder
     evaluate "$run"
@@ -72,7 +74,7 @@ done
 echo "[$(stamp)] results"
 DEVICE=$("$PY" -c "import os, platform, torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU {platform.machine()}, {os.cpu_count()} cores')")
 attnrhythm compare --start "$OUT/warm/eval.json" "${runs[@]}" --out "$OUT" --device "$DEVICE" \
-  --run-command "PRESET=$PRESET CREDITS='$CREDITS' SEEDS='$SEEDS' EVAL_N=$EVAL_N ${STEPS:+STEPS=$STEPS }bash scripts/train_experiment.sh"
+  --run-command "PRESET=$PRESET TRAIN_TASK=$TRAIN_TASK CREDITS='$CREDITS' SEEDS='$SEEDS' EVAL_N=$EVAL_N ${STEPS:+STEPS=$STEPS }bash scripts/train_experiment.sh"
 attnrhythm plot "${runs[@]}" --metric reward accuracy rollout/groups_with_signal --out "$OUT/curves.png" \
   --title "$TASK, $MODEL warm start + GRPO"
 attnrhythm plot --rhythm "${runs[@]}" --out "$OUT/rhythm_drift.png"

@@ -335,3 +335,22 @@ def test_get_task_unknown():
     with pytest.raises(ValueError) as info:
         get_task("nope")
     assert all(name in str(info.value) for name in KNOWN_TASKS)
+
+
+def test_dense_countdown_reward_orders_by_nearness_and_keeps_exact_and_format():
+    from attnrhythm.tasks import get_task
+    from attnrhythm.tasks.countdown import verify_countdown_dense
+
+    wrap = lambda e: f"<think>t</think><answer>{e}</answer>"  # noqa: E731
+    nums, target = [3, 5, 7], 22
+    assert verify_countdown_dense(wrap("3*5+7"), nums, target) == 1.0
+    near = verify_countdown_dense(wrap("3+5*7"), nums, target)      # 38: 16 away
+    nearer = verify_countdown_dense(wrap("3*7-5"), nums, target)    # 16: 6 away
+    assert 0.1 < near < nearer < 0.5
+    assert nearer == pytest.approx(0.1 + 0.4 * (1 - 6 / 22))
+    assert verify_countdown_dense(wrap("3*5*7"), nums, target) == 0.1  # 105: farther than the target itself
+    assert verify_countdown_dense(wrap("3+5"), nums, target) == 0.1    # wrong multiset: format only
+    assert verify_countdown_dense("no answer", nums, target) == 0.0
+    dense, plain = get_task("countdown-easy-dense"), get_task("countdown-easy")
+    row = plain.load("test", 5, 0)[0]
+    assert dense.load("test", 5, 0)[0] == row  # same instances, only the reward differs

@@ -19,6 +19,7 @@ from attnrhythm.tasks.countdown import (
     score_countdown,
     solve_countdown,
     verify_countdown,
+    verify_countdown_dense,
 )
 from attnrhythm.tasks.math import extract_boxed, gsm8k_gold, score_math, verify_math
 from attnrhythm.errors import UserError, unknown_name
@@ -26,10 +27,13 @@ from attnrhythm.errors import UserError, unknown_name
 __all__ = [
     "CountdownInstance", "Task", "KNOWN_TASKS", "countdown_prompt", "extract_boxed",
     "generate_countdown", "get_task", "gsm8k_gold", "score_choice", "score_countdown",
-    "score_completions", "score_math", "solve_countdown", "verify_choice", "verify_countdown", "verify_math",
+    "score_completions", "score_math", "solve_countdown", "verify_choice", "verify_countdown",
+    "verify_countdown_dense", "verify_math",
 ]
 
-KNOWN_TASKS = ("countdown", "countdown-easy", "gsm8k", "math-jsonl:PATH", "choice-jsonl:PATH")
+# "-dense": the same instances with partial credit for nearness (verify_countdown_dense)
+KNOWN_TASKS = ("countdown", "countdown-easy", "countdown-dense", "countdown-easy-dense", "gsm8k",
+               "math-jsonl:PATH", "choice-jsonl:PATH")
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ def _sample(rows: list, n: int | None, seed: int) -> list:
     return random.Random(seed).sample(rows, n)
 
 
-def _countdown_task(name: str, template: str, settings: dict) -> Task:
+def _countdown_task(name: str, template: str, settings: dict, verify=verify_countdown) -> Task:
     def load(split: str, n: int | None, seed: int) -> list[dict]:
         if n is None:
             raise UserError("countdown is generated: give the number of instances n")
@@ -74,7 +78,7 @@ def _countdown_task(name: str, template: str, settings: dict) -> Task:
                  "target": inst.target} for inst in instances]
 
     def score(completion: str, row: dict) -> float:
-        return verify_countdown(completion, row["numbers"], row["target"])
+        return verify(completion, row["numbers"], row["target"])
 
     return Task(name, load, score)
 
@@ -119,10 +123,11 @@ def get_task(name: str, template: str = "base") -> Task:
     """
     if template not in ("base", "chat"):
         raise UserError(f"template must be 'base' or 'chat', not {template!r}")
-    if name == "countdown":
-        return _countdown_task(name, template, {})
-    if name == "countdown-easy":
-        return _countdown_task(name, template, EASY)
+    countdown = {"countdown": {}, "countdown-easy": EASY}
+    if name in countdown:
+        return _countdown_task(name, template, countdown[name])
+    if name.endswith("-dense") and name.removesuffix("-dense") in countdown:
+        return _countdown_task(name, template, countdown[name.removesuffix("-dense")], verify_countdown_dense)
     if name == "gsm8k":
         return _problem_task(name, template, None)
     for prefix, make in (("math-jsonl:", _problem_task), ("choice-jsonl:", _choice_task)):
