@@ -73,6 +73,77 @@ def test_none_equals_stock_trl(tiny_model, tmp_path, one_thread):
         for (name, a), (_, b) in zip(stock.model.named_parameters(), ours.model.named_parameters()):
             assert torch.equal(a, b), f"{name} differs from stock TRL (capture={capture})"
     assert "rhythm/gamma_mean" in ours.state.log_history[0]
+    assert ours.state.log_history[0]["rhythm/one_pass"] == 1.0  # the capture ran inside TRL's pass
+
+
+def train_keeping_rollouts(trainer) -> list[dict]:
+    """trainer.train(), keeping a copy of every rollout batch its _generate_and_score_completions returns."""
+    kept, method = [], trainer._generate_and_score_completions
+
+    def keep(inputs):
+        output = method(inputs)
+        kept.append({k: v.clone() if torch.is_tensor(v) else v for k, v in output.items()})
+        return output
+
+    trainer._generate_and_score_completions = keep
+    trainer.train()
+    return kept
+
+
+@pytest.mark.parametrize("strategy", ["coupled", "entropy"])
+def test_one_pass_equals_two_passes(tiny_model, tmp_path, one_thread, strategy):
+    """Statistics taken inside TRL's old-log-prob pass (GA 1 < steps_per_generation 2, so TRL runs
+    it; it passes no position_ids, so left-padded rows get shifted RoPE positions): the same gamma
+    and loss as the separate attention pass, and TRL's log-probs bitwise as stock TRL's."""
+    stock = make_trainer(GRPOTrainer, tiny_model, tmp_path / "stock")
+    stock_rollouts = train_keeping_rollouts(stock)
+    runs = {}
+    for one_pass in (True, False):
+        trainer = make_trainer(RhythmGRPOTrainer, tiny_model, tmp_path / f"one{one_pass}",
+                               credit=CreditConfig(strategy=strategy, one_pass=one_pass))
+        runs[one_pass] = trainer, train_keeping_rollouts(trainer)
+        logged = [h["rhythm/one_pass"] for h in trainer.state.log_history if "rhythm/one_pass" in h]
+        assert logged and set(logged) == {float(one_pass)}
+        model = trainer.model
+        assert model.config._attn_implementation == "sdpa"  # restored after each pass
+        assert not model.get_decoder()._forward_hooks and not model.get_decoder()._forward_pre_hooks
+    (one, one_rollouts), (two, two_rollouts) = runs[True], runs[False]
+    assert len(one_rollouts) == len(two_rollouts) == len(stock_rollouts) >= 1
+    for ours, theirs, base in zip(one_rollouts, two_rollouts, stock_rollouts):
+        assert ours["prompt_mask"].min() == 0 and ours["prompt_mask"].sum(1).unique().numel() > 1  # left padding
+        assert torch.equal(ours["old_per_token_logps"], base["old_per_token_logps"])  # bitwise stock TRL
+        assert torch.equal(theirs["old_per_token_logps"], base["old_per_token_logps"])
+        assert torch.equal(ours["advantages"], theirs["advantages"])  # the same gamma on every token
+        shaped = base["advantages"][:, None].expand_as(ours["advantages"])
+        assert (ours["advantages"] != shaped).any(), "gamma must differ from 1 somewhere for this test to bite"
+    losses = lambda t: [h["loss"] for h in t.state.log_history if "loss" in h]  # noqa: E731
+    assert losses(one) == losses(two)
+    for (name, a), (_, b) in zip(one.model.named_parameters(), two.model.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_in_pass_statistics_restore_the_model_on_error(tiny_model):
+    from attnrhythm.capture.in_pass import statistics_in_pass
+
+    model, tok = load_model(tiny_model, dtype="float32", device="cpu")
+    ids = tok(PROMPTS[:2], return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        plain = model(**ids).logits
+        with statistics_in_pass(model, RhythmConfig(), entropy=True) as capture:
+            inside = model(**ids).logits
+        assert torch.equal(plain, inside)
+        assert capture.failed is None and capture.rows == 2 and capture.chunks[0][1].entropy is not None
+        reference = capture_statistics(model, ids["input_ids"], ids["attention_mask"], config=RhythmConfig())
+        valid = reference.valid[:, None, None].expand_as(reference.row_distance)  # real rows
+        torch.testing.assert_close(capture.chunks[0][1].row_distance[valid], reference.row_distance[valid],
+                                   rtol=1e-4, atol=1e-4)
+        with pytest.raises(KeyError), statistics_in_pass(model, RhythmConfig(), entropy=False):
+            model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"])
+            raise KeyError("boom")
+    assert model.config._attn_implementation == "sdpa"
+    assert not model.get_decoder()._forward_hooks and not model.get_decoder()._forward_pre_hooks
+    with torch.no_grad():
+        assert torch.equal(model(**ids).logits, plain)
 
 
 @pytest.fixture(scope="module")

@@ -77,6 +77,9 @@ class TrainConfig:
     """Log the KL of the policy to the starting model per rollout batch (one more model in memory)."""
     rollout_samples: int = 2
     """Completions per rollout batch written to DIR/rollouts.jsonl for `attnrhythm credit-view`."""
+    one_pass: bool = True
+    """Take the attention statistics inside TRL's own log-prob pass when TRL runs one (no extra
+    forward); False, or when TRL skips that pass: a separate attention pass, as before."""
 
     # GRPO and optimisation: the paper's settings (docs/method.md section 6)
     num_generations: int = 8

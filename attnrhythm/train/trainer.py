@@ -36,6 +36,8 @@ from trl.models import unwrap_model_for_generation
 
 from attnrhythm import io
 from attnrhythm.capture import capture_statistics
+from attnrhythm.capture.in_pass import statistics_in_pass
+from attnrhythm.capture.in_pass import supported as in_pass_supported
 from attnrhythm.core.config import RhythmConfig
 from attnrhythm.core.credit import (CREDIT_NAMES, apply_sign, credit_sets, gamma_statistics_from_sums, gamma_sums,
                                     get_credit, high_entropy_selection_mask)
@@ -72,6 +74,10 @@ class CreditConfig:
     rollout_samples: int = 2
     """Completions per rollout batch written to DIR/rollouts.jsonl (tokens, gamma, credit sets)
     for `attnrhythm credit-view`; 0 = none."""
+    one_pass: bool = True
+    """Take the statistics inside TRL's own old-log-prob forward when TRL runs it (no extra
+    forward; ``capture/in_pass.py``); the separate attention pass runs only when TRL skips that
+    pass or its inputs are not plain text.  Logged as ``rhythm/one_pass``."""
 
     def __post_init__(self) -> None:
         get_credit(self.strategy)  # an unknown name is a UserError naming the closest one
@@ -82,7 +88,7 @@ class CreditConfig:
         return cls(strategy=config.credit, rhythm=config.rhythm, head_refresh_steps=config.head_refresh_steps,
                    capture_batch_size=config.capture_batch_size, capture_with_none=config.capture_with_none,
                    zero_equal_groups=config.zero_equal_groups, kl_to_start=config.kl_to_start,
-                   rollout_samples=config.rollout_samples)
+                   rollout_samples=config.rollout_samples, one_pass=config.one_pass)
 
 
 class RhythmGRPOTrainer(GRPOTrainer):
@@ -98,6 +104,8 @@ class RhythmGRPOTrainer(GRPOTrainer):
         self._extras: dict = {}
         self._first_heads: tuple[set, set] | None = None  # the first rollout's head sets (drift)
         self._start_model = None
+        self._pass_request = False  # armed around TRL's rollout: take the statistics in its log-prob pass
+        self._pass_capture = None
         if self.credit.kl_to_start:
             import copy
             self._start_model = copy.deepcopy(self.accelerator.unwrap_model(self.model)).eval().requires_grad_(False)
@@ -113,7 +121,11 @@ class RhythmGRPOTrainer(GRPOTrainer):
         return self._last_rewards
 
     def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)
+        self._pass_request, self._pass_capture = self.captures and self.credit.one_pass, None
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._pass_request = False
         output["advantages"] = self._zero_equal_groups(output["advantages"])
         if self._start_model is not None:
             self._log_kl_to_start(output)
@@ -124,14 +136,48 @@ class RhythmGRPOTrainer(GRPOTrainer):
             return output
         start = time.perf_counter()
         gamma, keep, info = self._gamma(output)
+        in_pass = self._pass_capture.seconds if info["one_pass"] else 0.0
+        self._pass_capture = None
         shaped = apply_sign(advantages, gamma, self.credit.rhythm.sign)
         if keep is not None:  # Wang et al.: no policy gradient outside the kept tokens
             shaped = shaped * keep
         output["advantages"] = shaped.to(advantages.dtype)
         if shaped.is_cuda:
             torch.cuda.synchronize(shaped.device)
-        self._record(time.perf_counter() - start, gamma, keep, info, output["completion_mask"].bool())
+        self._record(time.perf_counter() - start + in_pass, gamma, keep, info, output["completion_mask"].bool())
         return output
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **extra):
+        """TRL's method; the first no-grad call on the policy during an armed rollout (TRL's
+        old-log-prob pass) also collects the attention statistics, leaving its outputs bitwise
+        as they are (``capture/in_pass.py``).  Vision inputs, another model, or a model not on
+        SDPA: TRL's method alone, and ``_gamma`` runs the separate pass."""
+        unwrapped = self.accelerator.unwrap_model(model) if self._pass_request else None
+        if (not self._pass_request or model is not self.model or torch.is_grad_enabled()
+                or any(v is not None for v in extra.values()) or in_pass_supported(unwrapped) is not None):
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **extra)
+        self._pass_request = False
+        needs_entropy = get_credit(self.credit.strategy).needs_entropy
+        with statistics_in_pass(unwrapped, self.credit.rhythm, needs_entropy) as capture:
+            result = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **extra)
+        self._pass_capture = capture
+        return result
+
+    def _pass_chunks(self, ids, mask):
+        """The statistics of TRL's pass as [(first row, stats)] when they cover exactly these
+        sequences, else None (the separate pass runs)."""
+        capture = self._pass_capture
+        if capture is None or capture.failed or capture.rows != ids.size(0) or not capture.chunks:
+            return None
+        if any(stats.valid.shape[1] != ids.size(1) for _, stats in capture.chunks):
+            return None
+        valid = torch.cat([stats.valid for _, stats in capture.chunks]).to(mask.device)
+        return capture.chunks if torch.equal(valid, mask.bool()) else None
 
     def _zero_equal_groups(self, advantages):
         """Advantages [B_local] with the rows of equal-reward groups set to exactly 0; logs the
@@ -206,12 +252,11 @@ class RhythmGRPOTrainer(GRPOTrainer):
         # never shifts the global RNG that TRL samples completions with
         generator = torch.Generator().manual_seed(
             self.args.seed * 1_000_003 + self.state.global_step * 7919 + self.accelerator.process_index)
-        chunk = self.credit.capture_batch_size or self.args.per_device_train_batch_size
-        with self._gathered_policy() as model:
-            for s in range(0, batch, chunk):
-                sl = slice(s, min(batch, s + chunk))
-                stats = capture_statistics(model, ids[sl], mask[sl], config=cfg, backend="streaming",
-                                           entropy=strategy.needs_entropy)
+        chunks = self._pass_chunks(ids, mask)
+        info["one_pass"] = chunks is not None
+        with contextlib.nullcontext() if chunks is not None else self._gathered_policy() as model:
+            for s, stats in chunks if chunks is not None else self._separate_pass(model, ids, mask):
+                sl = slice(s, s + stats.valid.shape[0])
                 heads = self._fixed_heads(stats, response[sl]) if cfg.head_mode == "fixed" else None
                 r = rhythm_from_stats(stats, response[sl], cfg, heads=heads)
                 # response token j of row b sits at completion column positions[b, j] - P
@@ -229,6 +274,14 @@ class RhythmGRPOTrainer(GRPOTrainer):
         if strategy.keeps_batch_share:  # ranks this process's rollout batch together
             keep = high_entropy_selection_mask(entropy, completion_mask.bool(), cfg.high_entropy_share).float()
         return gamma, keep, info
+
+    def _separate_pass(self, model, ids, mask):
+        """The separate attention pass, chunk by chunk: (first row, stats)."""
+        chunk = self.credit.capture_batch_size or self.args.per_device_train_batch_size
+        strategy = get_credit(self.credit.strategy)
+        for s in range(0, ids.size(0), chunk):
+            yield s, capture_statistics(model, ids[s:s + chunk], mask[s:s + chunk], config=self.credit.rhythm,
+                                        backend="streaming", entropy=strategy.needs_entropy)
 
     def _fixed_heads(self, stats, response) -> HeadSets:
         """Head sets of head_mode='fixed' (``calibration_distance`` averaged over ranks so every
@@ -304,6 +357,7 @@ class RhythmGRPOTrainer(GRPOTrainer):
         for name in sorted(k for k in total if k.startswith("set/")):
             metrics[f"rhythm/{name.replace('/', '_')}"].append(total[name] / n)
         metrics["rhythm/attention_s"].append(seconds)
+        metrics["rhythm/one_pass"].append(float(info.get("one_pass", False)))
         self._record_drift(info, metrics)
         self._attention_window += seconds
         n_seq = max(1, info["n_seq"])
