@@ -27,10 +27,10 @@ CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{%
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
-def _build(config_class, model_class, seed: int, **overrides):
+def _build(config_class, model_class, seed: int, implementation: str = "sdpa", **overrides):
     torch.manual_seed(seed)
     config = config_class(**{**TINY, **overrides})
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = implementation
     return model_class(config).float().eval()
 
 
@@ -53,6 +53,27 @@ def tiny_qwen3(seed: int = 2, **overrides):
 
 def tiny_qwen3_sliding(seed: int = 3, window: int = 6):
     return tiny_qwen3(seed, use_sliding_window=True, sliding_window=window, max_window_layers=0)
+
+
+def tiny_gemma2(seed: int = 4):
+    """Gemma 2: logit softcapping in every layer (``softcap``), a sliding window on layer 0
+    (eager: transformers has no SDPA path for softcapping)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    return _build(Gemma2Config, Gemma2ForCausalLM, seed, "eager", num_hidden_layers=2, num_key_value_heads=2, head_dim=8,
+                  sliding_window=5, attn_logit_softcapping=2.0, final_logit_softcapping=None,
+                  query_pre_attn_scalar=8)
+
+
+def tiny_gpt_oss(seed: int = 5):
+    """GPT-OSS: attention sinks (``s_aux``), set far from zero so that they matter; a sliding
+    window on layer 0."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+    model = _build(GptOssConfig, GptOssForCausalLM, seed, "eager", num_hidden_layers=2, num_key_value_heads=2, head_dim=8,
+                   sliding_window=5, intermediate_size=32, num_local_experts=2, num_experts_per_tok=1)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0, 1.0)
+    return model
 
 
 def byte_tokenizer():

@@ -12,8 +12,9 @@ from attnrhythm.capture import capture_statistics
 from attnrhythm.core.config import ANALYSIS_HORIZON, RhythmConfig
 from attnrhythm.core.couplings import find_peaks
 from attnrhythm.core.metrics import receiver_kurtosis, rhythm_from_stats
+from attnrhythm.errors import UserError
 
-from conftest import TINY_MODELS, tiny_qwen3, tiny_qwen3_sliding
+from conftest import TINY, TINY_MODELS, tiny_gemma2, tiny_gpt_oss, tiny_qwen3, tiny_qwen3_sliding
 
 CONFIG = RhythmConfig(layers="all", fai_horizon=(10, 100))  # band width 101 covers both horizons
 HORIZONS = [(10, 100), ANALYSIS_HORIZON]
@@ -175,6 +176,65 @@ def test_entropy_temperature(tiny_models, ref):
     assert math.isnan(stats.entropy[0, 0].item())
     want = [ref.entropy(logits[t - 1].tolist(), 0.7) for t in range(1, 12)]
     assert normwise(stats.entropy[0, 1:], want) < 1e-5
+
+
+# ---------------------------------------------------------------- softcapping, sinks, other attention arguments
+def assert_close_stats(got, want, tol=1e-5):
+    for key in ("row_distance", "band", "col_sum", "entropy"):
+        assert normwise(getattr(got, key).nan_to_num(0), getattr(want, key).nan_to_num(0)) < tol, key
+
+
+@pytest.mark.parametrize("layer", [0, 1], ids=["sample_sliding", "sample_full"])
+@pytest.mark.parametrize("build", [tiny_gemma2, tiny_gpt_oss], ids=["gemma2_softcap", "gpt_oss_sinks"])
+def test_softcap_and_sink_models_match_hf_eager(build, layer):
+    """Gemma 2 passes ``softcap``, GPT-OSS ``s_aux`` (sinks) to its attention function: the block
+    path applies them in the sampled layer, and the layer that is not sampled runs the model's
+    eager attention (SDPA would refuse softcap and drop the sinks)."""
+    model = build()
+    ids, mask, _ = padded_batch(sequences(seed=5), left=True)
+    config = CONFIG.replace(layers=[layer])
+    eager = capture_statistics(model, ids, mask, config=config, backend="eager")
+    assert_close_stats(capture_statistics(model, ids, mask, config=config, block_bytes=1), eager)
+    if build is tiny_gpt_oss:  # the sinks take probability: rows of real tokens sum to at most one
+        rows = eager.band.sum(-1)[mask[:, None, None].bool().expand(-1, 1, 4, -1)]  # band width 101 > N
+        assert (rows <= 1 + 1e-6).all() and (rows < 0.95).any()
+
+
+def test_unknown_attention_argument_is_refused(tiny_models):
+    """Any attention argument the capture does not implement, with a value, is a UserError naming
+    the model and the argument; the same argument empty (None, False, ()) is not."""
+    model = tiny_models["llama"]
+    ids = torch.randint(3, 259, (2, 9))
+    mask = torch.ones_like(ids)
+    kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=capture.position_ids_from_mask(mask),
+                  use_cache=False)
+    for empty in (None, False, ()):
+        capture.streaming.capture(model, {**kwargs, "alibi_bias": empty}, [1], CONFIG, mask.bool(), False)
+    with pytest.raises(UserError, match=r"LlamaForCausalLM \(LlamaAttention\) passes 'alibi_bias'.*eager"):
+        capture.streaming.capture(model, {**kwargs, "alibi_bias": torch.ones(4)}, [1], CONFIG, mask.bool(), False)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def _family(name: str):
+    import transformers
+    extra = {"Gemma3": dict(head_dim=8, sliding_window=4), "Mistral": dict(sliding_window=4),
+             "Qwen2": dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)}[name]
+    config_class = getattr(transformers, "Gemma3TextConfig" if name == "Gemma3" else f"{name}Config")
+    torch.manual_seed(0)
+    config = config_class(**{**TINY, "num_key_value_heads": 2, **extra})
+    config._attn_implementation = "eager"
+    return getattr(transformers, f"{name}ForCausalLM")(config).float().eval()
+
+
+@pytest.mark.parametrize("name", ["Mistral", "Qwen2", "Gemma3"])
+def test_other_families_pass_only_known_arguments(name):
+    """What Mistral, Qwen2 and Gemma 3 pass to their attention function (sliding windows,
+    positions, use_cache) is implemented or harmless: the streaming backend matches eager."""
+    model = _family(name)
+    ids, mask, _ = padded_batch(sequences(seed=4), left=True)
+    config = CONFIG.replace(layers="all")
+    assert_close_stats(capture_statistics(model, ids, mask, config=config, block_bytes=1),
+                       capture_statistics(model, ids, mask, config=config, backend="eager"))
 
 
 # ---------------------------------------------------------------- errors are clear, never deep in torch

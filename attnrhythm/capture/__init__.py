@@ -7,10 +7,17 @@ block_bytes)``, the one place a new backend is registered:
 
 * ``"streaming"`` (default): a custom attention function computes the sampled layers in blocks
   of rows and never holds an N x N map (``capture/streaming.py``).
+* ``"fused"``: the streaming function with the sampled layers computed by the Triton kernels of
+  ``capture/fused.py`` (CUDA; a flash forward + a column pass, float32 statistics on chip);
+  raises a UserError with the reason when they cannot run.
+* ``"auto"``: ``"fused"`` where it can run on CUDA, else the block loop of ``"streaming"`` (a
+  one-line logging notice when the reason is anything but the device).
 * ``"eager"``: the reference, Hugging Face ``output_attentions=True`` (``capture/eager.py``);
   materialises every layer's maps, so it refuses up front when they would not fit.
 """
 from __future__ import annotations
+
+from functools import partial
 
 from torch import Tensor
 
@@ -22,7 +29,8 @@ from attnrhythm.core.config import RhythmConfig
 from attnrhythm.core.stats import AttentionStats
 from attnrhythm.errors import unknown_name
 
-_BACKENDS = {"streaming": streaming.capture, "eager": eager.capture}
+_BACKENDS = {"streaming": streaming.capture, "eager": eager.capture,
+             "fused": partial(streaming.capture, mode="fused"), "auto": partial(streaming.capture, mode="auto")}
 BACKENDS = tuple(_BACKENDS)
 
 __all__ = ["BACKENDS", "attention_maps", "available_bytes", "capture_statistics", "check_backend_memory",
@@ -49,9 +57,9 @@ def capture_statistics(model, input_ids: Tensor, attention_mask: Tensor | None =
 
     input_ids, attention_mask: [B, N] (left or right padding; 1 = real token).  Positions are
     each sequence's own (``position_ids_from_mask``), so padding never changes the result.
-    Returns statistics for every position; metrics pick the response rows.  ``block_bytes``
-    bounds the streaming backend's working set per block of rows (default 256 MiB on CPU,
-    2 GiB on a GPU).
+    Returns statistics for every position; metrics pick the response rows.  ``backend`` is one
+    of ``BACKENDS`` (module docstring); ``block_bytes`` bounds the block loop's working set per
+    block of rows (default 256 MiB on CPU, 2 GiB on a GPU).
     """
     config = config or RhythmConfig()
     check_backend(backend)

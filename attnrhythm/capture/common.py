@@ -1,5 +1,6 @@
-"""What both capture backends share: model geometry, input checks, the capture mode, and token
-entropy from the final hidden states (in chunks: the [N, vocabulary] logits never exist at once)."""
+"""What the capture backends share: model geometry, input checks, the capture mode, the attention
+arguments a capture implements, and token entropy from the final hidden states (in chunks: the
+[N, vocabulary] logits never exist at once)."""
 from __future__ import annotations
 
 import contextlib
@@ -66,6 +67,23 @@ def check_inputs(model, input_ids: Tensor, attention_mask: Tensor | None) -> Ten
         raise UserError(f"a sequence has {longest} tokens but the model's context is {limit}; "
                         "truncate the prompt or the response (e.g. lower max_new_tokens)")
     return attention_mask
+
+
+# Arguments transformers passes to an attention function that the streaming and fused paths
+# implement (scaling, sliding_window, softcap, s_aux; dropout and is_causal are checked) or that do
+# not change a capture's result (positions are already in q and k; a capture has no cache and
+# returns no maps).  Any other argument with a value is refused: it could change the attention.
+ATTENTION_ARGUMENTS = frozenset({"scaling", "sliding_window", "softcap", "s_aux", "dropout", "is_causal",
+                                 "position_ids", "cache_position", "use_cache", "output_attentions"})
+
+
+def unknown_attention_arguments(kwargs: dict) -> list[str]:
+    """The names in ``kwargs`` outside ``ATTENTION_ARGUMENTS`` whose value is not empty (None,
+    False or an empty container count as not passed)."""
+    def empty(value) -> bool:
+        return value is None or value is False or (isinstance(value, (tuple, list, dict, set, str)) and not value)
+
+    return sorted(name for name, value in kwargs.items() if name not in ATTENTION_ARGUMENTS and not empty(value))
 
 
 def available_bytes(device: torch.device) -> int:

@@ -5,23 +5,43 @@ normalisation and RoPE.  Layers that are not sampled run ordinary SDPA.  A sampl
 computed in blocks of query rows exactly as the eager reference does it (scores in the model's
 dtype, scaled, masked, softmax in float32), and each block of probabilities is reduced to
 statistics (``stats.accumulate_rows``) before the next one is formed, so memory grows as
-block x N per head instead of N x N.
+block x N per head instead of N x N.  Logit softcapping (``softcap``, Gemma 2) and attention sinks
+(``s_aux``, GPT-OSS) are applied as the models' eager attention applies them; a layer that is not
+sampled but softcaps or has sinks runs the model's own eager attention (SDPA cannot apply them).
+Any other attention argument with a value is refused (``common.ATTENTION_ARGUMENTS``).
+
+With ``backend="fused"`` or ``"auto"`` (``mode`` here) a sampled layer runs the Triton kernels of
+``capture/fused.py`` instead when they can compute it (checked per layer: device, dtype, head
+dim, the attention arguments, and the model's mask against causal + padding + window); ``auto``
+falls back to the block loop with a one-line notice, ``fused`` raises.
 """
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from attnrhythm.capture.common import capture_mode, masked_entropy
+from attnrhythm import log
+from attnrhythm.capture.common import capture_mode, masked_entropy, text_config, unknown_attention_arguments
 from attnrhythm.core.config import RhythmConfig
 from attnrhythm.core.stats import AttentionStats, accumulate_rows, empty_stats
 from attnrhythm.errors import UserError
 
 IMPLEMENTATION_NAME = "attnrhythm_streaming"
 DEFAULT_BLOCK_BYTES = 256 * 2**20
+MODES = ("block", "fused", "auto")
+logger = log.get_logger(__name__)
+_noticed: set = set()
+
+
+def notice_fallback(reason: str) -> None:
+    """One logging line per distinct reason and process."""
+    if reason not in _noticed:
+        _noticed.add(reason)
+        logger.warning("attnrhythm: fused attention statistics unavailable (%s); using the block path", reason)
 
 
 @dataclass
@@ -32,9 +52,9 @@ class _Capture:
     block_bytes: int
     stats: AttentionStats | None = None
     seen: set = field(default_factory=set)
-    stats_only: bool = False
-    """Statistics only: a sampled layer returns ``(None, None)`` and the caller takes the output
-    from the model's own attention (``capture/in_pass.py``: TRL's log-prob pass stays bitwise)."""
+    mode: str = "block"
+    model_name: str = ""
+    masks_checked: dict = field(default_factory=dict)
 
 
 _active: _Capture | None = None
@@ -45,7 +65,15 @@ def _rhythm_attention(module, query: Tensor, key: Tensor, value: Tensor, attenti
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     layer = getattr(module, "layer_idx", None)
+    unknown = unknown_attention_arguments(kwargs)
+    if unknown:
+        raise UserError(f"{_owner(module)} passes {', '.join(repr(k) for k in unknown)} to its attention function, which "
+                        "the streaming capture does not implement; use backend='eager'")
+    softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
     if _active is None or layer not in _active.layers:
+        if softcap is not None or sinks is not None:
+            return _model_eager_attention(module, query, key, value, attention_mask, scaling, dropout,
+                                          sliding_window, **kwargs)
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, sliding_window=sliding_window, **kwargs)
     cap = _active
@@ -61,19 +89,33 @@ def _rhythm_attention(module, query: Tensor, key: Tensor, value: Tensor, attenti
     group = q_heads // kv_heads
     if sliding_window is None:
         sliding_window = getattr(module, "sliding_window", None)
+    if kwargs.get("is_causal", getattr(module, "is_causal", True)) is False:
+        raise UserError(f"layer {layer} of {_owner(module)} is not causal; "
+                        "the capture computes causal attention only")
+    if cap.mode != "block":
+        reason = _fused_obstacle(cap, module, query, attention_mask, scaling, dropout, sliding_window, kwargs)
+        if reason is None:
+            from attnrhythm.capture.fused import fused_layer
+            return fused_layer(query, key, value, attention_mask, cap.stats, slot, scaling, sliding_window,
+                               softcap=softcap, s_aux=sinks), None
+        if cap.mode == "fused":
+            raise UserError(f"backend='fused' cannot compute layer {layer}: {reason}")
+        if not reason.startswith("not CUDA"):
+            notice_fallback(reason)
 
     # [B, Hkv, g, N, d]: query head h reads KV head h // g without repeating K and V
     q = query.view(batch, kv_heads, group, length, head_dim)
     k = key[:, :, None]
     v = value[:, :, None]
-    out = None if cap.stats_only else torch.empty(batch, kv_heads, group, length, head_dim, dtype=query.dtype,
-                                                   device=query.device)
+    out = torch.empty(batch, kv_heads, group, length, head_dim, dtype=query.dtype, device=query.device)
     rows_per_block = max(16, cap.block_bytes // max(1, 12 * batch * q_heads * length))
     min_value = torch.finfo(query.dtype).min
     for t0 in range(0, length, rows_per_block):
         t1 = min(length, t0 + rows_per_block)
         k0 = 0 if not sliding_window else max(0, t0 - sliding_window + 1)
         scores = torch.matmul(q[:, :, :, t0:t1], k[:, :, :, k0:t1].transpose(-1, -2)).mul_(scaling)
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
         if attention_mask is None and not sliding_window:
             # causal: only the block's own diagonal square has masked entries
             upper = torch.ones(t1 - t0, t1 - t0, dtype=torch.bool, device=query.device).triu_(1)
@@ -86,15 +128,83 @@ def _rhythm_attention(module, query: Tensor, key: Tensor, value: Tensor, attenti
             scores.masked_fill_(~attention_mask[:, :, t0:t1, k0:t1][:, :, None], min_value)
         else:
             scores.add_(attention_mask[:, :, t0:t1, k0:t1][:, :, None])
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-        if out is not None:
-            out[:, :, :, t0:t1] = torch.matmul(probs.to(value.dtype), v[:, :, :, k0:t1])
+        if sinks is not None:  # one extra logit per head in the denominator, not a position
+            sink = sinks.reshape(1, kv_heads, group, 1, 1).to(scores.dtype).expand(*scores.shape[:-1], 1)
+            probs = torch.softmax(torch.cat([scores, sink], -1), dim=-1, dtype=torch.float32)[..., :-1]
+        else:
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        out[:, :, :, t0:t1] = torch.matmul(probs.to(value.dtype), v[:, :, :, k0:t1])
         accumulate_rows(cap.stats, slot, probs.view(batch, q_heads, t1 - t0, t1 - k0), t0, k0)
         del scores, probs
-    if out is None:
-        return None, None
     out = out.view(batch, q_heads, length, head_dim).transpose(1, 2).contiguous()
     return out, None
+
+
+def _owner(module) -> str:
+    """The model and attention class, as errors name them: ``Gemma2ForCausalLM (Gemma2Attention)``."""
+    name = _active.model_name if _active is not None else ""
+    return f"{name} ({type(module).__name__})" if name else type(module).__name__
+
+
+def _model_eager_attention(module, query, key, value, attention_mask, scaling, dropout, sliding_window, **kwargs):
+    """A layer that is not sampled but softcaps its logits or has attention sinks, which SDPA
+    cannot apply: the model's own ``eager_attention_forward``, given the additive mask it expects
+    (causal + padding + window; the boolean SDPA mask, or None, converted)."""
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise UserError(f"{_owner(module)} uses logit softcapping or attention sinks but its module has no "
+                        "eager_attention_forward; use backend='eager'")
+    length = query.shape[2]
+    if attention_mask is None or attention_mask.dtype == torch.bool:
+        index = torch.arange(length, device=query.device)
+        allowed = index[None, :] <= index[:, None]
+        if sliding_window:
+            allowed = allowed & (index[:, None] - index[None, :] < sliding_window)
+        allowed = allowed[None, None] if attention_mask is None else allowed & attention_mask
+        attention_mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
+        attention_mask.masked_fill_(~allowed, torch.finfo(query.dtype).min)
+    return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                 sliding_window=sliding_window, **kwargs)
+
+
+def _fused_obstacle(cap: _Capture, module, query, attention_mask, scaling, dropout, sliding_window,
+                    kwargs) -> str | None:
+    """None when the fused kernels compute this layer exactly as the block loop would, else the
+    reason (it starts with "not CUDA" when the device is the only obstacle)."""
+    from attnrhythm.capture import fused
+
+    ok, reason = fused.fused_available(query.device, query.dtype, query.shape[-1], scaling=scaling, dropout=dropout,
+                                       sliding_window=sliding_window, **kwargs)
+    if not ok:
+        return reason
+    if cap.mode == "auto" and query.device.type != "cuda":
+        return "not CUDA"
+    key = (None if attention_mask is None else (attention_mask.data_ptr(), tuple(attention_mask.shape)), sliding_window)
+    if key not in cap.masks_checked:  # once per mask tensor and window in a forward pass
+        cap.masks_checked[key] = fused.mask_mismatch(attention_mask, cap.valid, sliding_window)
+    return cap.masks_checked[key]
+
+
+def resolve_mode(model, mode: str, device: torch.device) -> str:
+    """The mode a capture runs in: "block" for the block loop; "fused" or "auto" when the fused
+    kernels can run on ``device`` for the model's dtype and head dim (per-layer checks follow in
+    the attention function).  ``fused`` that cannot run raises a UserError with the reason;
+    ``auto`` falls back to "block", with a one-line notice unless the device is simply not CUDA."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "block" or (mode == "auto" and device.type != "cuda"):
+        return "block"
+    from attnrhythm.capture.fused import fused_available
+
+    config = text_config(model)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    ok, reason = fused_available(device, next(model.parameters()).dtype, head_dim)
+    if ok:
+        return mode
+    if mode == "fused":
+        raise UserError(f"backend='fused' is not available: {reason}")
+    notice_fallback(reason)
+    return "block"
 
 
 def register() -> None:
@@ -108,13 +218,16 @@ def register() -> None:
 
 @contextlib.contextmanager
 def streaming_capture(layers: list[int], band_width: int, valid: Tensor, block_bytes: int = DEFAULT_BLOCK_BYTES,
-                      stats_only: bool = False):
+                      mode: str = "block", model_name: str = ""):
     """Within the block, a forward pass of a model set to ``IMPLEMENTATION_NAME`` fills
-    ``capture.stats`` for ``layers``."""
+    ``capture.stats`` for ``layers``; ``mode`` is one of ``MODES`` ("block" or, already
+    resolved by :func:`resolve_mode`, "fused"/"auto"); ``model_name`` names the model in errors."""
     global _active
     if _active is not None:
         raise RuntimeError("a streaming capture is already active (captures do not nest)")
-    cap = _Capture(list(layers), band_width, valid, block_bytes, stats_only=stats_only)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    cap = _Capture(list(layers), band_width, valid, block_bytes, mode=mode, model_name=model_name)
     _active = cap
     try:
         yield cap
@@ -123,15 +236,18 @@ def streaming_capture(layers: list[int], band_width: int, valid: Tensor, block_b
 
 
 def capture(model, kwargs: dict, layers: list[int], config: RhythmConfig, valid: Tensor, entropy: bool,
-            block_bytes: int | None = None) -> AttentionStats:
+            block_bytes: int | None = None, mode: str = "block") -> AttentionStats:
     """Statistics of ``layers`` from one forward pass with the streaming attention function.
-    ``block_bytes`` bounds the working set per block of rows (default 256 MiB on CPU, 2 GiB on a GPU)."""
+    ``block_bytes`` bounds the working set per block of rows (default 256 MiB on CPU, 2 GiB on a
+    GPU); ``mode`` "fused" or "auto" computes the sampled layers with the Triton kernels
+    (backends ``fused`` and ``auto``, see :func:`resolve_mode`)."""
+    device = kwargs["input_ids"].device
+    mode = resolve_mode(model, mode, device)
     if block_bytes is None:
-        on_gpu = kwargs["input_ids"].device.type == "cuda"
-        block_bytes = 8 * DEFAULT_BLOCK_BYTES if on_gpu else DEFAULT_BLOCK_BYTES
+        block_bytes = 8 * DEFAULT_BLOCK_BYTES if device.type == "cuda" else DEFAULT_BLOCK_BYTES
     register()
     with capture_mode(model, IMPLEMENTATION_NAME), \
-            streaming_capture(layers, config.band_width, valid, block_bytes) as cap:
+            streaming_capture(layers, config.band_width, valid, block_bytes, mode, type(model).__name__) as cap:
         hidden = model.get_decoder()(**kwargs).last_hidden_state
         missing = set(layers) - cap.seen
         if cap.stats is None or missing:
