@@ -3,6 +3,7 @@
     attnrhythm train --model smollm2-135m --task countdown --credit coupled --max-steps 200 --out runs/coupled
     attnrhythm train --config run.yaml --out runs/x          # YAML for everything else; flags override it
     attnrhythm train --out runs/coupled --resume             # continue a killed run from its last checkpoint
+    attnrhythm train --config run.yaml --dry-run             # resolve and check it: no weights, no training, no files
 
 Writes DIR/config.yaml (the full resolved config), DIR/metrics.jsonl (one line per logging
 step), DIR/checkpoint-N (rotated, save_total_limit) and finally the trained model in DIR.
@@ -16,7 +17,7 @@ import re
 
 from attnrhythm import io, log
 from attnrhythm.core.credit import CREDIT_NAMES
-from attnrhythm.errors import UserError
+from attnrhythm.errors import MissingInput, UserError
 from attnrhythm.train.config import TrainConfig, load_yaml, resolve_device, resolved, save_yaml, to_grpo_config
 
 logger = log.get_logger(__name__)
@@ -70,7 +71,14 @@ def _train_settings():
     specs = [("config", str | None, dataclasses.field(default=None, metadata=dict(
                  help="YAML with any TrainConfig field (flags given here override it)"))),
              ("resume", bool, dataclasses.field(default=False, metadata=dict(
-                 help="continue the --out run from its last complete checkpoint (its config.yaml is the base)")))]
+                 help="continue the --out run from its last complete checkpoint (its config.yaml is the base)"))),
+             ("dry_run", bool, dataclasses.field(default=False, metadata=dict(
+                 help="resolve the config and print its rollout arithmetic and checks (model shape when its "
+                      "config.json is at hand); loads no weights, trains nothing, writes nothing; exit 2 on a "
+                      "failed check"))),
+             ("accelerate_config", str | None, dataclasses.field(default=None, metadata=dict(
+                 help="with --dry-run: the accelerate config the run will be launched with (its num_processes "
+                      "and mixed precision are checked; else WORLD_SIZE or 1 process)")))]
     for _, name, kind, choices, help_text in FLAGS:
         specs.append((name, kind | None, dataclasses.field(default=None, metadata=dict(
             help=help_text, choices=choices, shown_default=_default(name)))))
@@ -84,9 +92,10 @@ def _is_main() -> bool:
     return log.is_main_process()
 
 
-def last_checkpoint(out: str) -> str | None:
+def last_checkpoint(out: str, set_aside: bool = True) -> str | None:
     """The newest complete checkpoint of DIR.  trainer_state.json is written last, so a folder
-    without it was cut by a kill; it is renamed aside (never loaded, never rotated)."""
+    without it was cut by a kill; it is renamed aside (never loaded, never rotated) unless
+    ``set_aside`` is False (a dry run changes nothing)."""
     if not os.path.isdir(out):
         return None
     found = []
@@ -95,7 +104,7 @@ def last_checkpoint(out: str) -> str | None:
         if m and os.path.isdir(os.path.join(out, name)):
             if os.path.exists(os.path.join(out, name, "trainer_state.json")):
                 found.append((int(m.group(1)), os.path.join(out, name)))
-            elif _is_main():
+            elif set_aside and _is_main():
                 os.replace(os.path.join(out, name), os.path.join(out, name + ".incomplete"))
     return max(found)[1] if found else None
 
@@ -103,17 +112,19 @@ def last_checkpoint(out: str) -> str | None:
 def resolve(args) -> tuple[TrainConfig, str | None]:
     """(config, checkpoint to resume from): defaults < preset < DIR/config.yaml (--resume) < --config
     < flags.
-    ``args``: a TrainSettings (or any object with its attributes)."""
+    ``args``: a TrainSettings (or any object with its attributes); with ``dry_run`` set, nothing on
+    disk is changed."""
     flags = {name: getattr(args, name) for _, name, *_ in FLAGS if getattr(args, name, None) is not None}
     from_yaml = load_yaml(args.config) if getattr(args, "config", None) else {}
     out = flags.get("out") or from_yaml.get("out") or TrainConfig().out
+    set_aside = not getattr(args, "dry_run", False)
     saved, checkpoint = {}, None
     if getattr(args, "resume", False):
         path = os.path.join(out, "config.yaml")
         if os.path.exists(path):
             saved = load_yaml(path)
-        checkpoint = last_checkpoint(out)
-    elif last_checkpoint(out) is not None:
+        checkpoint = last_checkpoint(out, set_aside)
+    elif last_checkpoint(out, set_aside) is not None:
         raise UserError(f"{out} already holds checkpoints: pass --resume to continue that run, or choose another --out")
     return TrainConfig.from_layers(saved, from_yaml, flags), checkpoint
 
@@ -198,12 +209,16 @@ def build_trainer(config: TrainConfig, resuming: bool = False):
 
     task = get_task(config.task, config.template)
     rows = task.load("train", config.train_size, config.seed)
+    # the GRPOConfig first: creating it registers the launcher's DeepSpeed config, so that
+    # from_pretrained below sees ZeRO-3 (zero3_init_flag) and loads each rank's shard only,
+    # instead of the whole model on every rank
+    args = to_grpo_config(config)
     model, tokenizer = load_model(config.model, dtype=config.model_dtype, device="cpu")
     if config.sft_warmup_steps and not resuming:  # a resumed run's checkpoint already holds the warm start
         _warm_start(model, tokenizer, rows, config)
     credit = CreditConfig.of(config)
     reward = task_reward(task) if config.reward_function is None else load_function(config.reward_function)
-    trainer = RhythmGRPOTrainer(model=model, reward_funcs=[reward], args=to_grpo_config(config),
+    trainer = RhythmGRPOTrainer(model=model, reward_funcs=[reward], args=args,
                                 train_dataset=Dataset.from_list(rows), processing_class=tokenizer, credit=credit)
     trainer.add_callback(MetricsJsonl(os.path.join(config.out, "metrics.jsonl"), trainer.pop_log_extras))
     trainer.remove_callback(ProgressCallback)
@@ -216,6 +231,8 @@ def train(config: TrainConfig, checkpoint: str | None = None):
     from attnrhythm.train.trainer import truncate_metrics
 
     validate(config)
+    if checkpoint is not None and not os.path.exists(os.path.join(checkpoint, "trainer_state.json")):
+        raise MissingInput(f"checkpoint {checkpoint} does not exist or is incomplete (no trainer_state.json)")
     config = resolved(config, int(os.environ.get("WORLD_SIZE", "1")))
     config_path = os.path.join(config.out, "config.yaml")
     fresh = not os.path.exists(config_path)
@@ -240,10 +257,30 @@ def train(config: TrainConfig, checkpoint: str | None = None):
 
 
 def command(settings, command_line: str | None = None) -> int:
-    """`attnrhythm train`: settings (TrainSettings) -> resolved, validated config -> run."""
+    """`attnrhythm train`: settings (TrainSettings) -> resolved, validated config -> run (or, with
+    --dry-run, the report of the run: nothing loaded, trained or written)."""
     config, checkpoint = resolve(settings)
+    if getattr(settings, "dry_run", False):
+        return dry_run_command(config, checkpoint, settings)
+    if getattr(settings, "accelerate_config", None):
+        raise UserError("--accelerate-config is read by --dry-run only; pass it to `accelerate launch --config_file`")
     validate(config)  # before a folder, a config.yaml or a model exists
     if settings.resume and checkpoint is None:
-        logger.warning(f"no complete checkpoint in {config.out}: starting from step 0")
+        logger.warning(f"--resume: no complete checkpoint in {config.out}"
+                       + ("" if os.path.isdir(config.out) else " (the folder does not exist)") + ": starting from step 0")
     train(config, checkpoint)
+    return 0
+
+
+def dry_run_command(config: TrainConfig, checkpoint: str | None, settings) -> int:
+    """`train --dry-run`: print the report (stdout); a failed check is a UserError (exit 2)."""
+    from attnrhythm.train.dry_run import dry_run
+
+    resume = (checkpoint or False) if getattr(settings, "resume", False) else None
+    result = dry_run(config, accelerate_config=getattr(settings, "accelerate_config", None), resume=resume,
+                     source=getattr(settings, "config", None) or "flags and defaults")
+    log.emit(result.text)
+    if result.errors:
+        more = f" (and {len(result.errors) - 1} more, listed above)" if len(result.errors) > 1 else ""
+        raise UserError(f"dry run: {result.errors[0]}{more}")
     return 0
