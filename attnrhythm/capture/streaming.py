@@ -55,6 +55,9 @@ class _Capture:
     mode: str = "block"
     model_name: str = ""
     masks_checked: dict = field(default_factory=dict)
+    stats_only: bool = False
+    """Statistics only: a sampled layer returns ``(None, None)`` and the caller takes the output
+    from the model's own attention (``capture/in_pass.py``: TRL's log-prob pass stays bitwise)."""
 
 
 _active: _Capture | None = None
@@ -107,7 +110,8 @@ def _rhythm_attention(module, query: Tensor, key: Tensor, value: Tensor, attenti
     q = query.view(batch, kv_heads, group, length, head_dim)
     k = key[:, :, None]
     v = value[:, :, None]
-    out = torch.empty(batch, kv_heads, group, length, head_dim, dtype=query.dtype, device=query.device)
+    out = None if cap.stats_only else torch.empty(batch, kv_heads, group, length, head_dim, dtype=query.dtype,
+                                                   device=query.device)
     rows_per_block = max(16, cap.block_bytes // max(1, 12 * batch * q_heads * length))
     min_value = torch.finfo(query.dtype).min
     for t0 in range(0, length, rows_per_block):
@@ -133,9 +137,12 @@ def _rhythm_attention(module, query: Tensor, key: Tensor, value: Tensor, attenti
             probs = torch.softmax(torch.cat([scores, sink], -1), dim=-1, dtype=torch.float32)[..., :-1]
         else:
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-        out[:, :, :, t0:t1] = torch.matmul(probs.to(value.dtype), v[:, :, :, k0:t1])
+        if out is not None:
+            out[:, :, :, t0:t1] = torch.matmul(probs.to(value.dtype), v[:, :, :, k0:t1])
         accumulate_rows(cap.stats, slot, probs.view(batch, q_heads, t1 - t0, t1 - k0), t0, k0)
         del scores, probs
+    if out is None:
+        return None, None
     out = out.view(batch, q_heads, length, head_dim).transpose(1, 2).contiguous()
     return out, None
 
@@ -218,7 +225,7 @@ def register() -> None:
 
 @contextlib.contextmanager
 def streaming_capture(layers: list[int], band_width: int, valid: Tensor, block_bytes: int = DEFAULT_BLOCK_BYTES,
-                      mode: str = "block", model_name: str = ""):
+                      mode: str = "block", model_name: str = "", stats_only: bool = False):
     """Within the block, a forward pass of a model set to ``IMPLEMENTATION_NAME`` fills
     ``capture.stats`` for ``layers``; ``mode`` is one of ``MODES`` ("block" or, already
     resolved by :func:`resolve_mode`, "fused"/"auto"); ``model_name`` names the model in errors."""
@@ -227,7 +234,8 @@ def streaming_capture(layers: list[int], band_width: int, valid: Tensor, block_b
         raise RuntimeError("a streaming capture is already active (captures do not nest)")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    cap = _Capture(list(layers), band_width, valid, block_bytes, mode=mode, model_name=model_name)
+    cap = _Capture(list(layers), band_width, valid, block_bytes, mode=mode, model_name=model_name,
+                   stats_only=stats_only)
     _active = cap
     try:
         yield cap
