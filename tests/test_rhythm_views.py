@@ -37,6 +37,6 @@ def test_credit_view_escapes_and_labels_tokens(tmp_path):
     assert credit_view(str(tmp_path / "a"), str(out), steps=[4]) == 1
     page = out.read_text()
     assert "&lt;b&gt;" in page and "<b>" not in page.replace("<body", "")
-    assert "sets=intro+local" in page and "gamma=1.5" in page
+    assert "sets=intro+preplan" in page and "gamma=1.5" in page and "dominated anchor" in page
     assert "rgba(214,39,40,0.750)" in page  # the largest gamma gets the full red
     assert credit_view(str(tmp_path / "a"), str(out)) == 2

@@ -31,6 +31,8 @@ DRIFT_PANELS = [
 ]
 SET_COLOURS = {"local": "#1f77b4", "anchor": "#d62728", "dominated": "#ff7f0e", "intro": "#2ca02c",
                "selected": "#9467bd"}
+# the trainer's set names -> the method's words (coupled credit: T_loc, T_glob, D, I(D))
+SET_NAMES = {"local": "preplan", "anchor": "anchor", "dominated": "dominated anchor", "intro": "intro"}
 
 
 def _records(path: str) -> list[dict]:
@@ -104,7 +106,7 @@ def credit_view(run: str, out: str, steps: list[int] | None = None) -> int:
         rows = [r for r in rows if r.get("step") in set(steps)]
     parts = [f"<h1>credit view: {html.escape(_label(run))}</h1>",
              "<p>Each token is coloured by its gamma (red &gt; 1, blue &lt; 1) and underlined by its credit set: "
-             + " ".join(f'<span style="border-bottom:3px solid {c}">{html.escape(n)}</span>'
+             + " ".join(f'<span style="border-bottom:3px solid {c}">{html.escape(SET_NAMES.get(n, n))}</span>'
                         for n, c in SET_COLOURS.items())
              + ". Hover a token for its values.</p>"]
     for r in rows:
@@ -117,7 +119,8 @@ def credit_view(run: str, out: str, steps: list[int] | None = None) -> int:
             underline = f"border-bottom:3px solid {SET_COLOURS[first]};" if first in SET_COLOURS else ""
             fai = (r.get("fai") or [None] * (i + 1))[i]
             waad = (r.get("waad") or [None] * (i + 1))[i]
-            title = f"t={i} gamma={gammas[i]} sets={sets or '-'} waad={waad} fai={fai}"
+            named = "+".join(SET_NAMES.get(n, n) for n in sets.split("+")) if sets else "-"
+            title = f"t={i} gamma={gammas[i]} sets={named} waad={waad} fai={fai}"
             spans.append(f'<span title="{html.escape(title, quote=True)}" '
                          f'style="background:{_colour(gammas[i], lo, hi)};{underline}">{html.escape(token)}</span>')
         adv = r.get("advantage")
