@@ -4,9 +4,11 @@
     python benchmarks/capture_gpu.py --dry-run          # tiny shapes on CPU (used by the tests)
 
 For each N: (1) a plain SDPA forward with full logits, (2) eager capture (output_attentions=True,
-all layers' maps) + metrics, refused up front when the maps cannot fit, (3) streaming capture
-+ metrics.  Also checks streaming against eager at the lengths where eager fits (float32
-statistics from bf16 maps: eager rounds its maps to bf16, so agreement is to ~1e-2 relative).
+all layers' maps) + metrics, refused up front when the maps cannot fit, (3) block capture
+(backend="streaming") + metrics, (4) fused capture (backend="fused", Triton kernels) + metrics,
+"n/a (reason)" where the kernels cannot run.  Also checks block against eager where eager fits
+(eager rounds its maps to bf16, so agreement is to ~1e-2 relative) and fused against block
+(WAAD, FAI and the head groups) at every N.
 """
 from __future__ import annotations
 
@@ -57,6 +59,25 @@ def measure(fn, device: str, repeats: int) -> tuple[float, float]:
     return best, peak
 
 
+def fused_status(shape: dict, device: str, dtype: torch.dtype) -> str:
+    """"" when the fused backend can run here, else "n/a (reason)"."""
+    try:
+        from attnrhythm.capture.fused import fused_available
+    except Exception as err:  # noqa: BLE001 - any import problem means: not available
+        return f"n/a ({type(err).__name__}: {err})"[:120]
+    ok, reason = fused_available(device, dtype, shape["head_dim"])
+    return "" if ok else f"n/a ({reason})"
+
+
+def compare(a, b) -> dict:
+    """Relative max differences of two RhythmResult lists' WAAD/FAI and whether head groups agree."""
+    rel = lambda x, y: ((x - y).abs().nan_to_num(0).max() / y.abs().nan_to_num(0).max()).item()  # noqa: E731
+    return dict(waad_rel_diff=max(rel(x.waad, y.waad) for x, y in zip(a, b)),
+                fai_rel_diff=max(rel(x.fai, y.fai) for x, y in zip(a, b)),
+                same_heads=all(x.local_heads == y.local_heads and x.global_heads == y.global_heads
+                               for x, y in zip(a, b)))
+
+
 def main() -> None:
     import attnrhythm as ar
 
@@ -75,6 +96,9 @@ def main() -> None:
     print(f"device: {name}; torch {torch.__version__}; model: Qwen3 {'tiny' if args.dry_run else '4B shape'} "
           f"random init, {dtype}; best of {args.repeats}")
     config = ar.RhythmConfig()
+    fused_na = fused_status(shape, device, dtype)
+    if fused_na:
+        print(f"fused backend: {fused_na}")
     rows = []
     for n in lengths:
         ids = torch.randint(0, shape["vocab_size"], (1, n), device=device)
@@ -92,29 +116,44 @@ def main() -> None:
             return run
 
         row = {"n": n}
-        for label, fn in (("plain", plain), ("eager", capture("eager")), ("streaming", capture("streaming"))):
+        runs = [("plain", plain), ("eager", capture("eager")), ("streaming", capture("streaming")),
+                ("fused", capture("fused"))]
+        for label, fn in runs:
+            if label == "fused" and fused_na:
+                row[label] = fused_na
+                continue
             try:
                 row[label] = measure(fn, device, args.repeats)
-            except (MemoryError, torch.OutOfMemoryError) as err:
-                row[label] = str(err).split(";")[0][:60]
+            except (MemoryError, torch.OutOfMemoryError, ValueError, RuntimeError) as err:
+                row[label] = f"failed: {str(err).splitlines()[0][:100]}" if label == "fused" else str(err).split(";")[0][:60]
                 if device.startswith("cuda"):
                     torch.cuda.empty_cache()
-        if isinstance(row["eager"], tuple):
-            eager, streaming = capture("eager")(), capture("streaming")()
-            rel = ((eager.waad - streaming.waad).abs().max() / eager.waad.abs().max()).item()
-            row["waad_rel_diff"] = rel
-            row["same_heads"] = eager.local_heads == streaming.local_heads and eager.global_heads == streaming.global_heads
+        block = capture("streaming")() if isinstance(row["streaming"], tuple) else None
+        if isinstance(row["eager"], tuple) and block is not None:
+            eager = capture("eager")()
+            row["eager_vs_block"] = compare([block], [eager])
+        if isinstance(row["fused"], tuple) and block is not None:
+            row["fused_vs_block"] = compare([capture("fused")()], [block])
+        del block
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    print("\n| N | plain s | eager s | streaming s | streaming / plain | plain peak GiB | eager peak GiB | streaming peak GiB |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| N | plain s | eager s | block s | fused s | block / plain | fused / plain "
+          "| plain peak GiB | eager peak GiB | block peak GiB | fused peak GiB |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        cell = lambda v, i: f"{v[i]:.3f}" if isinstance(v, tuple) else "refused/OOM"  # noqa: E731
-        ratio = (f"{r['streaming'][0] / r['plain'][0]:.2f}"
-                 if isinstance(r["streaming"], tuple) and isinstance(r["plain"], tuple) else "-")
-        print(f"| {r['n']} | {cell(r['plain'], 0)} | {cell(r['eager'], 0)} | {cell(r['streaming'], 0)} | {ratio} | "
-              f"{cell(r['plain'], 1)} | {cell(r['eager'], 1)} | {cell(r['streaming'], 1)} |")
+        def cell(v, i):
+            if isinstance(v, tuple):
+                return f"{v[i]:.3f}"
+            return str(v).split(" ")[0].rstrip(":") if str(v).startswith(("n/a", "failed")) else "refused/OOM"
+
+        def ratio(label):
+            ok = isinstance(r[label], tuple) and isinstance(r["plain"], tuple)
+            return f"{r[label][0] / r['plain'][0]:.2f}" if ok else "-"
+
+        print(f"| {r['n']} | {cell(r['plain'], 0)} | {cell(r['eager'], 0)} | {cell(r['streaming'], 0)} | "
+              f"{cell(r['fused'], 0)} | {ratio('streaming')} | {ratio('fused')} | {cell(r['plain'], 1)} | "
+              f"{cell(r['eager'], 1)} | {cell(r['streaming'], 1)} | {cell(r['fused'], 1)} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1, default=str)
