@@ -211,7 +211,8 @@ def build_trainer(config: TrainConfig, resuming: bool = False):
     rows = task.load("train", config.train_size, config.seed)
     # the GRPOConfig first: creating it registers the launcher's DeepSpeed config, so that
     # from_pretrained below sees ZeRO-3 (zero3_init_flag) and loads each rank's shard only,
-    # instead of the whole model on every rank
+    # instead of the whole model on every rank (``args`` must stay referenced until then:
+    # transformers holds the DeepSpeed config by weak reference only)
     args = to_grpo_config(config)
     model, tokenizer = load_model(config.model, dtype=config.model_dtype, device="cpu")
     if config.sft_warmup_steps and not resuming:  # a resumed run's checkpoint already holds the warm start
