@@ -123,7 +123,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, description) in COMMANDS.items():
-        p = sub.add_parser(name, help=description, description=description)
+        p = sub.add_parser(name, help=description.replace("%", "%%"), description=description)  # help is %-formatted
         if name == wanted:  # import only the module that will run
             add_settings(p, importlib.import_module(module).SETTINGS)
     return parser
