@@ -195,19 +195,27 @@ def last_answer(completion: str) -> str | None:
     return completion[start + len(_ANSWER_OPEN) : end]
 
 
+def _answer_miss(completion: str, numbers: Sequence[int], target: int) -> float | None:
+    """Distance of the last answer's value from the target; None without an answer block, inf for
+    a wrong multiset of numbers or an invalid expression."""
+    answer = last_answer(completion) if isinstance(completion, str) else None
+    if answer is None:
+        return None
+    try:
+        if sorted(numbers_in(answer)) != sorted(int(x) for x in numbers):
+            return float("inf")
+        return abs(float(evaluate(answer) - Fraction(target)))
+    except InvalidExpression:
+        return float("inf")
+
+
 def verify_countdown(completion: str, numbers: Sequence[int], target: int) -> float:
     """TinyZero's Countdown reward (0.0, 0.1 or 1.0) for ``completion``; an exception other than
     an invalid expression is the verifier failing and propagates (the trainer counts it)."""
-    answer = last_answer(completion) if isinstance(completion, str) else None
-    if answer is None:
+    miss = _answer_miss(completion, numbers, target)
+    if miss is None:
         return 0.0
-    try:
-        if sorted(numbers_in(answer)) != sorted(int(x) for x in numbers):
-            return FORMAT_SCORE
-        value = evaluate(answer)
-    except InvalidExpression:
-        return FORMAT_SCORE
-    return 1.0 if abs(float(value - Fraction(target))) < 1e-5 else FORMAT_SCORE
+    return 1.0 if miss < 1e-5 else FORMAT_SCORE
 
 
 DENSE_SCALE = 0.4
@@ -220,19 +228,12 @@ def verify_countdown_dense(completion: str, numbers: Sequence[int], target: int)
     expression, 1.0 for the target), except that a valid expression over exactly the given
     numbers that misses the target earns ``0.1 + 0.4 * max(0, 1 - |value - target| / target)``:
     almost every group of completions then differs in reward, so GRPO gets a signal where the
-    paper's 0 / 0.1 / 1 reward gives none (measured in docs/training.md).  Exact answers keep 1.0,
+    paper's 0 / 0.1 / 1 reward gives none (measured in docs/training/results.md).  Exact answers keep 1.0,
     so accuracy (reward >= 1) means the same under both rewards.
     """
-    answer = last_answer(completion) if isinstance(completion, str) else None
-    if answer is None:
+    miss = _answer_miss(completion, numbers, target)
+    if miss is None:
         return 0.0
-    try:
-        if sorted(numbers_in(answer)) != sorted(int(x) for x in numbers):
-            return FORMAT_SCORE
-        value = evaluate(answer)
-    except InvalidExpression:
-        return FORMAT_SCORE
-    miss = abs(float(value - Fraction(target)))
     if miss < 1e-5:
         return 1.0
     return FORMAT_SCORE + DENSE_SCALE * max(0.0, 1.0 - miss / max(1, abs(target)))

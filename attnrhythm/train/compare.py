@@ -70,20 +70,22 @@ def run_entry(run_dir: str, start: dict, device: str = "", command: str = "") ->
         config = yaml.safe_load(f)
     end = io.read_json(os.path.join(run_dir, "eval.json"))
     return {"run": os.path.basename(os.path.normpath(run_dir)), "credit": config["credit"], "seed": config["seed"],
+            "task": config["task"], "learning_rate": config["learning_rate"],
             **paired_gain(start, end), "steps": config["max_steps"], "device": device or config.get("device", ""),
             "command": command}
 
 
 def table(entries: list[dict]) -> str:
-    """Markdown: one row per credit (seeds averaged), the gain with its interval per seed."""
-    by_credit: dict[str, list[dict]] = {}
+    """Markdown: one row per recipe (training task, learning rate) and credit (seeds averaged),
+    the gain with its interval per seed."""
+    by_credit: dict[tuple, list[dict]] = {}
     for e in entries:
-        by_credit.setdefault(e["credit"], []).append(e)
-    lines = ["| credit | seeds | pass@1 start | pass@1 end | gain (95% paired CI per seed) |",
-             "|---|---|---|---|---|"]
-    for credit, runs in by_credit.items():
+        by_credit.setdefault((e.get("task", ""), e.get("learning_rate", ""), e["credit"]), []).append(e)
+    lines = ["| training task | lr | credit | seeds | pass@1 start | pass@1 end | gain (95% paired CI per seed) |",
+             "|---|---|---|---|---|---|---|"]
+    for (task, lr, credit), runs in by_credit.items():
         gains = "; ".join(f"{100 * r['gain']:+.1f} [{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}]" for r in runs)
-        lines.append(f"| {credit} | {len(runs)} | {100 * statistics.mean(r['pass1_start'] for r in runs):.1f}% "
+        lines.append(f"| {task} | {lr:g} | {credit} | {len(runs)} | {100 * statistics.mean(r['pass1_start'] for r in runs):.1f}% "
                      f"| {100 * statistics.mean(r['pass1_end'] for r in runs):.1f}% | {gains} |")
     n = {e["n_test"] for e in entries}
     lines.append(f"\npass@1 is greedy, on {', '.join(map(str, sorted(n)))} held-out test problems; the interval is a "
