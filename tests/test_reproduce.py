@@ -12,30 +12,36 @@ from attnrhythm.studies.reproduce import MIN_PROBLEMS, claims, render_markdown, 
 N = MIN_PROBLEMS  # enough problems for a verdict
 
 
-# ---------------------------------------------------------------- verdicts
+# ---------------------------------------------------------------- verdicts (two levels: direction, magnitude)
 def test_verdict_positive_paper_effect():
-    assert verdict((0.05, 0.30), null=0.0, paper=0.52, n=N)[0] == "reproduced"
-    assert verdict((-0.30, -0.01), null=0.0, paper=0.52, n=N)[0] == "not reproduced"
-    assert verdict((-0.05, 0.30), null=0.0, paper=0.52, n=N)[0] == "inconclusive"
-    assert verdict((0.0, 0.30), null=0.0, paper=0.52, n=N)[0] == "inconclusive"  # touching no effect
+    assert verdict((0.05, 0.30), null=0.0, paper=0.52, n=N).direction == "reproduced"
+    assert verdict((0.05, 0.30), null=0.0, paper=0.52, n=N).label == "direction reproduced, magnitude not"
+    assert verdict((0.30, 0.60), null=0.0, paper=0.52, n=N).label == "direction and magnitude reproduced"
+    assert verdict((-0.30, -0.01), null=0.0, paper=0.52, n=N).direction == "opposite"
+    assert verdict((-0.30, -0.01), null=0.0, paper=0.52, n=N).label == "not reproduced: opposite direction"
+    assert verdict((-0.05, 0.30), null=0.0, paper=0.52, n=N).direction == "inconclusive"
+    assert verdict((0.0, 0.30), null=0.0, paper=0.52, n=N).direction == "inconclusive"  # touching no effect
+    assert verdict((0.05, 0.30), null=0.0, paper=0.52, n=N, judge_magnitude=False).magnitude == "not judged"
 
 
 def test_verdict_negative_paper_effect_and_other_nulls():
     # Table 1: top minus bottom Jaccard, the paper's effect is negative
-    assert verdict((-0.2, -0.01), null=0.0, paper=-0.097, n=N)[0] == "reproduced"
-    assert verdict((0.01, 0.2), null=0.0, paper=-0.097, n=N)[0] == "not reproduced"
+    assert verdict((-0.2, -0.01), null=0.0, paper=-0.097, n=N).label == "direction and magnitude reproduced"
+    assert verdict((0.01, 0.2), null=0.0, paper=-0.097, n=N).direction == "opposite"
     # share of problems with top < bottom, no effect = 50%
-    assert verdict((0.6, 0.9), null=0.5, paper=0.8714, n=N)[0] == "reproduced"
-    assert verdict((0.2, 0.45), null=0.5, paper=0.8714, n=N)[0] == "not reproduced"
-    assert verdict((0.45, 0.9), null=0.5, paper=0.8714, n=N)[0] == "inconclusive"
+    assert verdict((0.6, 0.9), null=0.5, paper=0.8714, n=N).label == "direction and magnitude reproduced"
+    v = verdict((0.51, 0.70), null=0.5, paper=0.8714, n=N)
+    assert v.label == "direction reproduced, magnitude not" and "above the interval" in v.why
+    assert verdict((0.2, 0.45), null=0.5, paper=0.8714, n=N).direction == "opposite"
+    assert verdict((0.45, 0.9), null=0.5, paper=0.8714, n=N).direction == "inconclusive"
 
 
 def test_verdict_without_interval_or_with_few_problems():
-    assert verdict(None, 0.0, 0.5)[0] == "inconclusive"
-    assert verdict((math.nan, math.nan), 0.0, 0.5, n=N)[0] == "inconclusive"
-    assert verdict((None, None), 0.0, 0.5, n=N)[0] == "inconclusive"
-    label, why = verdict((0.1, 0.2), 0.0, 0.5, n=MIN_PROBLEMS - 1)
-    assert label == "inconclusive" and "sample size" in why
+    assert verdict(None, 0.0, 0.5).label == "inconclusive"
+    assert verdict((math.nan, math.nan), 0.0, 0.5, n=N).label == "inconclusive"
+    assert verdict((None, None), 0.0, 0.5, n=N).label == "inconclusive"
+    v = verdict((0.1, 0.2), 0.0, 0.5, n=MIN_PROBLEMS - 1)
+    assert v.label == "inconclusive" and "sample size" in v.why
 
 
 # ---------------------------------------------------------------- report from constructed tables
@@ -60,15 +66,20 @@ def test_claims_and_markdown(tmp_path):
     table2, table1, ranges = _tables()
     rows = claims(table2, table1, ranges)
     assert len(rows) == 3 + 2 + 3 * 3
-    by_claim = {r["claim"]: r["verdict"] for r in rows}
-    assert [by_claim[r["claim"]] for r in rows[:5]] == ["reproduced", "inconclusive", "not reproduced",
-                                                         "reproduced", "reproduced"]
+    assert [r["direction"] for r in rows[:5]] == ["reproduced", "inconclusive", "opposite", "reproduced",
+                                                  "reproduced"]
+    assert [r["magnitude"] for r in rows[:5]] == ["not reproduced", "not reproduced", "not reproduced",
+                                                  "not reproduced", "reproduced"]
+    assert rows[3]["verdict"] == "direction reproduced, magnitude not"
+    assert {r["magnitude"] for r in rows[5:]} == {"not judged"}  # v2 Table 10: sign only
     figures = write_figures(tmp_path / "figures", table1, ranges)
     assert all((tmp_path / path).stat().st_size > 1000 for path in figures.values())
     text = render_markdown({"model": "m", "machine": "cpu"}, rows, table2, table1, ranges, figures)
     for number in ("0.534", "0.631", "87.1%", "-0.097", "+52.0%", "+171.5%", "+42.5%", "0.239"):
         assert number in text
-    assert text.count("**reproduced**") == sum(r["verdict"] == "reproduced" for r in rows)
+    for r in rows:
+        assert f"**{r['verdict']}**" in text
+    assert "**Summary: 14 claims: direction reproduced in 6, of which magnitude reproduced in 1" in text
     assert "figures/jaccard_top_bottom.png" in text and "- **model**: m" in text
 
 
@@ -81,11 +92,11 @@ def test_reproduce_end_to_end_then_reuse(tmp_path, monkeypatch, smollm2):
     assert cli.main(argv) == 0
     for name in ("REPRODUCTION.md", "reproduction.json", "metrics.jsonl", "couplings.json", "perturbations.jsonl",
                  "perturbation.json", "perturbation.html", "layer_ranges.json", "figures/jaccard_top_bottom.png",
-                 "figures/couplings_by_layer_range.png"):
+                 "figures/couplings_by_layer_range.png", "figures/peak_rules.png"):
         assert (out / name).exists(), name
     text = (out / "REPRODUCTION.md").read_text()
     for piece in ("smollm2-135m", "gsm8k", "0.534", "0.631", "87.1%", "cpu_count", "torch", "attnrhythm reproduce",
-                  "Table 2", "Table 1", "Table 10", "bottom [", "top [", "inconclusive"):
+                  "Table 2", "Table 1", "Table 10", "bottom [", "top [", "inconclusive", "under other peak rules"):
         assert piece in text, piece
     saved = json.loads((out / "reproduction.json").read_text())
     assert len(saved["claims"]) == 3 + 2 + 9

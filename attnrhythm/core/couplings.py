@@ -7,7 +7,9 @@ aggregation over problems, with bootstrap intervals, is ``couplings_table``.
 
 Peaks (*Decision*, the paper does not define them; ``find_peaks``): a position is a peak when it
 is a local maximum (strictly greater than its left neighbour, not smaller than its right one)
-and lies in TopQ(series, peak_q).
+and lies in TopQ(series, peak_q).  Every statistic takes ``peak_rule`` instead: any function
+``(series [B, T], mask [B, T] | None) -> peaks bool [B, T]`` (the sweep over peak rules,
+``peak_rules.py``, passes top-q and prominence rules); None is ``find_peaks`` with ``peak_q``.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from typing import Callable
+
 from torch import Tensor
 
 from attnrhythm.core.config import RhythmConfig
@@ -67,6 +71,14 @@ def find_peaks(series: Tensor, mask: Tensor | None = None, q: float = 0.4) -> Te
     return peaks[0] if squeeze else peaks
 
 
+PeakRule = Callable[[Tensor, "Tensor | None"], Tensor]
+
+
+def _peaks(series: Tensor, mask: Tensor | None, peak_q: float, peak_rule: PeakRule | None) -> Tensor:
+    """Peaks of ``[B, T]`` series by ``peak_rule``, or by ``find_peaks`` at ``peak_q`` when None."""
+    return find_peaks(series, mask, peak_q) if peak_rule is None else peak_rule(series, mask)
+
+
 def _share(numer: Tensor, denom: Tensor) -> Tensor:
     """Per-row ratio of two counts (or sums) ``[B]``, NaN where the denominator is 0."""
     numer, denom = numer.to(torch.float64), denom.to(torch.float64)
@@ -80,26 +92,26 @@ def _paired(observed: Tensor, random: Tensor, squeeze: bool) -> tuple[Tensor, Te
 
 
 def entropy_at_waad_peaks(entropy: Tensor, waad: Tensor, mask: Tensor | None = None,
-                          peak_q: float = 0.4) -> tuple[Tensor, Tensor]:
+                          peak_q: float = 0.4, peak_rule: PeakRule | None = None) -> tuple[Tensor, Tensor]:
     """Coupling (a).  observed = mean entropy at WAAD peaks; random = mean entropy over all
     response tokens (tokens with NaN entropy are left out of both).  ``[B, T] -> ([B], [B])``."""
     squeeze, (entropy, waad, mask) = _batched(entropy.detach(), waad.detach(), mask)
     ent_ok = defined_positions(entropy, mask)
     h = torch.where(ent_ok, entropy, torch.zeros_like(entropy)).to(torch.float64)
-    at_peak = find_peaks(waad, mask, peak_q) & ent_ok
+    at_peak = _peaks(waad, mask, peak_q, peak_rule) & ent_ok
     observed = _share((h * at_peak).sum(-1), at_peak.sum(-1))
     random = _share(h.sum(-1), ent_ok.sum(-1))
     return _paired(observed, random, squeeze)
 
 
 def receiver_global_cooccurrence(fai_receiver: Tensor, fai_global: Tensor, mask: Tensor | None = None,
-                                 peak_q: float = 0.4) -> tuple[Tensor, Tensor]:
+                                 peak_q: float = 0.4, peak_rule: PeakRule | None = None) -> tuple[Tensor, Tensor]:
     """Coupling (b).  observed = share of receiver-head FAI peaks that are also global-head FAI
     peaks; random = share of global-FAI peaks among the defined global-FAI tokens.
     ``[B, T] -> ([B], [B])``."""
     squeeze, (fai_receiver, fai_global, mask) = _batched(fai_receiver.detach(), fai_global.detach(), mask)
-    recv_peaks = find_peaks(fai_receiver, mask, peak_q)
-    glob_peaks = find_peaks(fai_global, mask, peak_q)
+    recv_peaks = _peaks(fai_receiver, mask, peak_q, peak_rule)
+    glob_peaks = _peaks(fai_global, mask, peak_q, peak_rule)
     observed = _share((recv_peaks & glob_peaks).sum(-1), recv_peaks.sum(-1))
     random = _share(glob_peaks.sum(-1), defined_positions(fai_global, mask).sum(-1))
     return _paired(observed, random, squeeze)
@@ -114,15 +126,15 @@ def within_k_after(peaks: Tensor, k: int) -> Tensor:
 
 
 def fai_follows_waad(fai: Tensor, waad: Tensor, mask: Tensor | None = None, k: int = 3,
-                     peak_q: float = 0.4) -> tuple[Tensor, Tensor]:
+                     peak_q: float = 0.4, peak_rule: PeakRule | None = None) -> tuple[Tensor, Tensor]:
     """Coupling (c).  observed = share of FAI peaks at a WAAD peak or within k tokens after one;
     random = its expectation when the FAI peaks are moved to a uniformly random subset of the
     defined FAI positions of the same size, in closed form: the expected share of a uniform
     m-subset equals (defined positions within k after a WAAD peak) / (defined positions).
     ``[B, T] -> ([B], [B])``; see ``fai_follows_waad_shuffled_mc`` for the Monte-Carlo version."""
     squeeze, (fai, waad, mask) = _batched(fai.detach(), waad.detach(), mask)
-    fai_peaks = find_peaks(fai, mask, peak_q)
-    near = within_k_after(find_peaks(waad, mask, peak_q), k)
+    fai_peaks = _peaks(fai, mask, peak_q, peak_rule)
+    near = within_k_after(_peaks(waad, mask, peak_q, peak_rule), k)
     defined = defined_positions(fai, mask)
     observed = _share((fai_peaks & near).sum(-1), fai_peaks.sum(-1))
     random = _share((near & defined).sum(-1), defined.sum(-1))
@@ -131,13 +143,13 @@ def fai_follows_waad(fai: Tensor, waad: Tensor, mask: Tensor | None = None, k: i
 
 def fai_follows_waad_shuffled_mc(fai: Tensor, waad: Tensor, mask: Tensor | None = None, k: int = 3,
                                  peak_q: float = 0.4, n_shuffles: int = 1000,
-                                 generator: torch.Generator | None = None) -> Tensor:
+                                 generator: torch.Generator | None = None, peak_rule: PeakRule | None = None) -> Tensor:
     """Monte-Carlo baseline of coupling (c): shuffle the FAI peak positions uniformly among the
     defined FAI positions (count kept) ``n_shuffles`` times and average the share.  ``[B]``
     (NaN for rows without FAI peaks).  Used to check the closed form of ``fai_follows_waad``."""
     squeeze, (fai, waad, mask) = _batched(fai.detach(), waad.detach(), mask)
-    n_peaks = find_peaks(fai, mask, peak_q).sum(-1)
-    near = within_k_after(find_peaks(waad, mask, peak_q), k)
+    n_peaks = _peaks(fai, mask, peak_q, peak_rule).sum(-1)
+    near = within_k_after(_peaks(waad, mask, peak_q, peak_rule), k)
     defined = defined_positions(fai, mask)
     out = torch.full((fai.shape[0],), math.nan, dtype=torch.float64)
     for b in range(fai.shape[0]):  # a loop over problems; each is vectorised over shuffles
@@ -153,16 +165,19 @@ def fai_follows_waad_shuffled_mc(fai: Tensor, waad: Tensor, mask: Tensor | None 
 
 def response_couplings(waad: Tensor, fai_global: Tensor, mask: Tensor | None = None,
                        entropy: Tensor | None = None, fai_receiver: Tensor | None = None,
-                       config: RhythmConfig = RhythmConfig()) -> dict[str, dict[str, Tensor]]:
+                       config: RhythmConfig = RhythmConfig(),
+                       peak_rule: PeakRule | None = None) -> dict[str, dict[str, Tensor]]:
     """All couplings available from the given series, ``{name: {"observed": [B], "random": [B]}}``
-    (a coupling whose input is None is left out).  Uses ``config.peak_q`` and ``config.coupling_k``."""
+    (a coupling whose input is None is left out).  Uses ``config.coupling_k`` and ``peak_rule``
+    (None: ``find_peaks`` at ``config.peak_q``)."""
     stats = {}
+    q = config.peak_q
     if entropy is not None:
-        stats["entropy_at_waad_peaks"] = entropy_at_waad_peaks(entropy, waad, mask, config.peak_q)
+        stats["entropy_at_waad_peaks"] = entropy_at_waad_peaks(entropy, waad, mask, q, peak_rule)
     if fai_receiver is not None:
-        stats["receiver_global_cooccurrence"] = receiver_global_cooccurrence(fai_receiver, fai_global, mask,
-                                                                             config.peak_q)
-    stats["fai_follows_waad"] = fai_follows_waad(fai_global, waad, mask, config.coupling_k, config.peak_q)
+        stats["receiver_global_cooccurrence"] = receiver_global_cooccurrence(fai_receiver, fai_global, mask, q,
+                                                                             peak_rule)
+    stats["fai_follows_waad"] = fai_follows_waad(fai_global, waad, mask, config.coupling_k, q, peak_rule)
     return {name: dict(observed=o, random=r) for name, (o, r) in stats.items()}
 
 

@@ -11,10 +11,16 @@ verdict per claim, written to ``REPRODUCTION.md`` and ``figures/`` in ``--out``.
 What is already in the folder defines the study: its model, data, n and seed must match the
 command's (otherwise the command stops and says so); its other settings are kept.
 
-Verdict per claim, from the 95% bootstrap interval over problems of the effect (lift for a
-coupling, top-minus-bottom Jaccard, share of problems with top < bottom): *reproduced* when it
-excludes no effect on the paper's side; *not reproduced* when it excludes no effect on the
-opposite side; *inconclusive at this sample size* when it includes no effect.
+4. Table 2 under other peak rules (``core/peak_rules.py``): top-q for q in {0.1, ..., 0.4} and
+   scipy prominence rules, with the peak density and random baseline of each, from the stored
+   analysis records (nothing is recomputed); a table and ``figures/peak_rules.png``.
+
+Verdict per claim on two levels (``studies/verdicts.py``), from the 95% bootstrap interval over
+problems of the effect (lift for a coupling, top-minus-bottom Jaccard, share of problems with
+top < bottom): the *direction* is reproduced when the interval excludes no effect on the paper's
+side (opposite when on the other side, inconclusive when it includes no effect); the *magnitude*
+is reproduced when the paper's value lies inside the interval.  E.g. "direction reproduced,
+magnitude not".
 """
 from __future__ import annotations
 
@@ -28,38 +34,29 @@ import numpy as np
 
 from attnrhythm import io, log
 from attnrhythm.core.couplings import COUPLINGS, PAPER_TABLE2
+from attnrhythm.core.peak_rules import DEFAULT_RULES, coupling_sweep, sweep_figure, sweep_markdown
 from attnrhythm.data import ProblemSettings
 from attnrhythm.errors import UserError
 from attnrhythm.io import option
 from attnrhythm.generation import PROMPT_STYLES
 from attnrhythm.studies import perturb
+from attnrhythm.studies.verdicts import MIN_PROBLEMS, Verdict, summary_line
+from attnrhythm.studies.verdicts import verdict as two_level_verdict
 
 logger = log.get_logger(__name__)
 
 CORE = ("model", "data", "n", "seed")
 """Settings that define the study: reused outputs must have been made with these values."""
 RANGES = ("bottom", "middle", "top")
-MIN_PROBLEMS = 10
-"""*Decision*: below this many problems a percentile bootstrap interval means little, so no
-claim is judged reproduced or not (the numbers are still reported)."""
 
 
 # ---------------------------------------------------------------- verdicts
 
-def verdict(ci, null: float, paper: float, n: int | None = None) -> tuple[str, str]:
-    """(label, sentence) for an effect whose 95% interval is ``ci``, against ``null`` (no effect),
-    the paper's value fixing the expected side; ``n`` problems behind the interval."""
-    lo, hi = (math.nan, math.nan) if ci is None else (_float(ci[0]), _float(ci[1]))
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return "inconclusive", "no interval: too few problems with this statistic defined"
-    if n is not None and n < MIN_PROBLEMS:
-        return "inconclusive", f"inconclusive at this sample size: {n} problems, fewer than {MIN_PROBLEMS}"
-    side = 1 if paper > null else -1
-    if (lo > null and side > 0) or (hi < null and side < 0):
-        return "reproduced", "the interval excludes no effect, on the paper's side"
-    if (lo > null and side < 0) or (hi < null and side > 0):
-        return "not reproduced", "the interval excludes no effect, on the side opposite to the paper"
-    return "inconclusive", "inconclusive at this sample size: the interval includes no effect"
+def verdict(ci, null: float, paper: float, n: int | None = None, judge_magnitude: bool = True) -> Verdict:
+    """The two-level verdict (``studies.verdicts.verdict``) of an effect whose 95% interval is
+    ``ci``, against ``null`` (no effect), the paper's value fixing the expected side; ``n``
+    problems behind the interval."""
+    return two_level_verdict(ci, paper, null=null, n=n, judge_magnitude=judge_magnitude)
 
 
 def _float(v) -> float:
@@ -205,8 +202,21 @@ def claims(table2: dict, table1: dict, ranges: dict) -> list[dict]:
                                  paper=PAPER_TABLE2[coupling]["lift"], null=0.0, fmt="signed", paper_note="sign only",
                                  n=row["n"]))
     for row in rows:
-        row["verdict"], row["why"] = verdict(row["ci"], row["null"], row["paper"], row["n"])
+        v = verdict(row["ci"], row["null"], row["paper"], row["n"], judge_magnitude=not row.get("paper_note"))
+        row.update(verdict=v.label, why=v.why, direction=v.direction, magnitude=v.magnitude)
     return rows
+
+
+def claims_summary(rows: list[dict]) -> str:
+    """One line over the claims: the overall count (``verdicts.summary_line``), then how many
+    claims got each verdict, e.g. "... : direction reproduced, magnitude not in 4; direction
+    inconclusive, magnitude not in 1; ..."."""
+    from collections import Counter
+
+    counts = Counter(r["verdict"] for r in rows)
+    by_label = "; ".join(f"{label} in {count}" for label, count in counts.items())
+    overall = summary_line([Verdict(r["direction"], r["magnitude"], r["verdict"], r["why"]) for r in rows])
+    return f"{overall}. By verdict: {by_label}"
 
 
 def write_figures(folder: Path, table1: dict, ranges: dict) -> dict[str, str]:
@@ -255,14 +265,17 @@ def write_figures(folder: Path, table1: dict, ranges: dict) -> dict[str, str]:
     return {k: str(v.relative_to(folder.parent)) for k, v in paths.items()}
 
 
-def render_markdown(meta: dict, rows: list[dict], table2: dict, table1: dict, ranges: dict, figures: dict) -> str:
+def render_markdown(meta: dict, rows: list[dict], table2: dict, table1: dict, ranges: dict, figures: dict,
+                    sweep: list[dict] | None = None) -> str:
     fmts = dict(signed=lambda v: _pct(v, True), pct=_pct, num=_num)
     lines = ["# Reproduction of Li et al. (arXiv 2510.13554), analysis claims", ""]
     lines += [f"- **{k}**: {v}" for k, v in meta.items()]
-    lines += ["", "## Verdicts", "",
-              "Reproduced: the 95% interval of the effect excludes no effect, on the paper's side. "
-              "Not reproduced: it excludes no effect, on the opposite side. Inconclusive at this sample size: "
-              f"it includes no effect, or fewer than {MIN_PROBLEMS} problems stand behind it.", "",
+    lines += ["", "## Verdicts", "", f"**Summary: {claims_summary(rows)}.**", "",
+              "Two levels per claim. Direction reproduced: the 95% interval of the effect excludes no effect, "
+              "on the paper's side (opposite: on the other side; inconclusive: it includes no effect). "
+              "Magnitude reproduced: the paper's value lies inside the interval. "
+              f"Fewer than {MIN_PROBLEMS} problems behind an interval: inconclusive on both levels. "
+              "v2 Table 10 rows are compared with the paper's middle-layer value for the sign only.", "",
               "| claim | source | ours (95% CI) | paper | verdict |", "|---|---|---|---|---|"]
     for r in rows:
         fmt = fmts[r["fmt"]]
@@ -302,6 +315,8 @@ def render_markdown(meta: dict, rows: list[dict], table2: dict, table1: dict, ra
         cells = [f"{_pct(entry['table'][c]['lift'], True)} {_ci(entry['table'][c]['lift_ci'], lambda v: _pct(v, True))}"
                  if c in entry.get("table", {}) else "n/a" for c in COUPLINGS]
         lines.append(f"| {name} {entry.get('layers', '')} | " + " | ".join(cells) + " |")
+    if sweep:
+        lines += ["", sweep_markdown(sweep).rstrip()]
     lines += ["", "## Figures", ""] + [f"![{k}]({v})" for k, v in figures.items()]
     lines += ["", "Outputs in this folder: `metrics.jsonl`, `couplings.json` and `report.html` (analysis), "
               "`perturbations.jsonl`, `perturbation.json` and `perturbation.html` (perturbation), "
@@ -362,6 +377,10 @@ def run_reproduction(settings: ReproduceSettings) -> dict:
     rows = claims(table2, table1, ranges)
     figures = write_figures(out / "figures", table1, ranges)
     saved = run["settings"]
+    sweep = coupling_sweep(records, DEFAULT_RULES, k=run["config"].get("coupling_k", 3),
+                           n_boot=saved.get("n_boot") or args.n_boot, seed=saved["seed"])
+    sweep_figure(sweep, out / "figures" / "peak_rules.png")
+    figures["peak_rules"] = "figures/peak_rules.png"
     meta = {
         "model": saved["model"], "data": saved["data"],
         "problems": f"{len(records)} (analysis), {table1['n_problems']} (perturbation)",
@@ -378,9 +397,10 @@ def run_reproduction(settings: ReproduceSettings) -> dict:
         "machine": json.dumps(machine_info(loaded["pair"][0] if loaded else None)),
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    io.write_text(out / "REPRODUCTION.md", render_markdown(meta, rows, table2, table1, ranges, figures))
-    result = dict(meta=meta, claims=rows, table2=table2, table1={k: v for k, v in table1.items() if k != "machine"},
-                  layer_ranges=ranges, figures=figures)
+    io.write_text(out / "REPRODUCTION.md", render_markdown(meta, rows, table2, table1, ranges, figures, sweep))
+    result = dict(meta=meta, summary=claims_summary(rows), claims=rows, table2=table2,
+                  table1={k: v for k, v in table1.items() if k != "machine"}, layer_ranges=ranges, figures=figures,
+                  peak_rule_sweep=sweep)
     io.write_json(out / "reproduction.json", result)
     return result
 
@@ -391,6 +411,7 @@ SETTINGS = ReproduceSettings
 def command(settings: ReproduceSettings, command_line: str | None = None) -> int:
     settings.command_line = command_line
     result = run_reproduction(settings)
-    log.emit("\n".join(f"  {row['verdict']:>15}  {row['table']}: {row['claim']}" for row in result["claims"]))
+    log.emit("\n".join(f"  {row['verdict']:>45}  {row['table']}: {row['claim']}" for row in result["claims"]))
+    log.emit(f"  {result['summary']}")
     logger.info(f"wrote {Path(settings.out) / 'REPRODUCTION.md'}")
     return 0
