@@ -200,6 +200,34 @@ def test_softcap_and_sink_models_match_hf_eager(build, layer):
         assert (rows <= 1 + 1e-6).all() and (rows < 0.95).any()
 
 
+@pytest.mark.parametrize("backend", ["streaming", "eager"])
+def test_sink_model_rhythm_matches_loop_reference(ref, backend):
+    """GPT-OSS rows sum to less than 1 over positions (the sink takes the rest): WAAD's capped
+    distance must count only the mass on positions (``row_mass``), not put the sink's share at
+    distance W.  Without ``row_mass`` WAAD is about 130% off the loop reference over the maps."""
+    model = tiny_gpt_oss()
+    seqs = sequences()
+    input_ids, attention_mask, response = padded_batch(seqs, left=False)
+    stats = capture_statistics(model, input_ids, attention_mask, config=CONFIG, backend=backend, block_bytes=1)
+    assert stats.row_mass is not None
+    real = attention_mask[:, None, None].bool().expand_as(stats.row_mass)
+    assert (stats.row_mass[real] < 1 + 1e-6).all() and (stats.row_mass[real] < 0.95).any()
+    assert (stats.row_mass[~real] == 0).all()
+    result = rhythm_from_stats(stats, response, CONFIG)
+    for b, (ids, p) in enumerate(seqs):
+        want = reference(ref, "gpt_oss", model, ids, p)[(10, 100)]
+        assert normwise(result[b].head_distance, want["head_distance"]) < 1e-5
+        assert normwise(result[b].waad, want["waad"]) < 1e-5
+        assert normwise(result[b].fai, want["fai"]) < 1e-5
+
+
+def test_models_without_sinks_keep_no_row_mass(tiny_models):
+    """``row_mass`` is kept only for models with attention sinks: the others' numbers do not move."""
+    ids = torch.randint(3, 259, (1, 9))
+    for backend in ("streaming", "eager"):
+        assert capture_statistics(tiny_models["llama"], ids, config=CONFIG, backend=backend).row_mass is None
+
+
 def test_unknown_attention_argument_is_refused(tiny_models):
     """Any attention argument the capture does not implement, with a value, is a UserError naming
     the model and the argument; the same argument empty (None, False, ()) is not."""

@@ -31,6 +31,12 @@ def check_memory(model, batch: int, length: int, device=None) -> None:
                               f"but {have / 2**30:.1f} GiB are free; use backend='streaming'")
 
 
+def has_attention_sinks(model) -> bool:
+    """Whether some attention module has sink logits (GPT-OSS: a ``sinks`` parameter), so its
+    maps sum to less than 1 over positions and the statistics keep ``row_mass``."""
+    return any(isinstance(getattr(m, "sinks", None), torch.Tensor) for m in model.modules())
+
+
 def capture(model, kwargs: dict, layers: list[int], config: RhythmConfig, valid: Tensor, entropy: bool,
             block_bytes: int | None = None) -> AttentionStats:
     """Statistics of ``layers`` from full maps (``block_bytes`` is not used here)."""
@@ -43,7 +49,8 @@ def capture(model, kwargs: dict, layers: list[int], config: RhythmConfig, valid:
         if out.attentions is None or any(a is None for a in out.attentions):
             raise UserError(f"{type(model).__name__} returned no attention maps with output_attentions=True; "
                             "it cannot be captured")
-        stats = empty_stats(layers, batch, heads, length, config.band_width, valid, input_ids.device)
+        stats = empty_stats(layers, batch, heads, length, config.band_width, valid, input_ids.device,
+                            row_mass=has_attention_sinks(model))
         for slot, layer in enumerate(layers):
             accumulate_rows(stats, slot, out.attentions[layer].float(), 0, 0)
         if entropy:

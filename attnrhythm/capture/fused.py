@@ -375,8 +375,12 @@ def fused_layer(query: Tensor, key: Tensor, value: Tensor, attention_mask: Tenso
     (``attnrhythm.core.stats.AttentionStats``, whose ``valid`` is the 2-D padding mask) and returns
     the attention output [B, N, Hq, D].  ``attention_mask`` (the model's 4-D mask) is not read:
     the caller checks it with :func:`mask_mismatch`."""
-    out, _, _, _, _ = fused_attention(
+    out, lse, _, _, _ = fused_attention(
         query, key, value, stats.valid, band_width=stats.band.shape[-1], scaling=scaling,
         sliding_window=sliding_window, softcap=softcap, s_aux=s_aux, row_distance=stats.row_distance[:, slot],
         band=stats.band[:, slot], col_sum=stats.col_sum[:, slot], need_col_sum=need_col_sum, blocks=blocks)
+    if s_aux is not None and getattr(stats, "row_mass", None) is not None:
+        # lse includes the sink logit: the row's mass over positions is 1 - p(sink)
+        sink = s_aux.to(device=lse.device, dtype=torch.float32).reshape(1, -1, 1)
+        stats.row_mass[:, slot] = (1.0 - torch.exp(sink - lse)) * stats.valid.to(lse.device, torch.float32)[:, None]
     return out

@@ -86,6 +86,11 @@ def _rhythm_attention(module, query: Tensor, key: Tensor, value: Tensor, attenti
         raise RuntimeError("streaming capture needs the whole sequence in one forward pass (no KV cache)")
     if cap.stats is None:
         cap.stats = empty_stats(cap.layers, batch, q_heads, length, cap.band_width, cap.valid, query.device)
+    if sinks is not None and cap.stats.row_mass is None:
+        # rows of models with sinks sum to less than 1 over positions: keep each row's mass (WAAD's
+        # capped distance needs it); the rows captured so far had no sink, so mass 1 on real tokens
+        cap.stats.row_mass = cap.stats.valid.to(query.device, torch.float32)[:, None, None].expand(
+            batch, len(cap.layers), q_heads, length).clone()
     cap.seen.add(layer)
     slot = cap.layers.index(layer)
     scaling = head_dim ** -0.5 if scaling is None else scaling

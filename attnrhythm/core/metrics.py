@@ -67,14 +67,17 @@ def response_positions(response_mask: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(mask, order, torch.zeros_like(order)), mask
 
 
-def capped_distance(band: Tensor, window: int) -> Tensor:
+def capped_distance(band: Tensor, window: int, row_mass: Tensor | None = None) -> Tensor:
     """Per-row sum_s A[t,s] * min(t-s, W) from the band.  band: [..., N, W'] with W' >= W.
-    Returns [..., N].  The mass further than W-1 back is 1 - (band mass), each at distance W."""
+    Returns [..., N].  The mass further than W-1 back is (row mass) - (band mass), each at
+    distance W; ``row_mass`` [..., N] is 1 when None (rows of a model with attention sinks sum
+    to less than 1 over positions, and the sink's share is no distance at all)."""
     if band.shape[-1] < window:
         raise ValueError(f"band width {band.shape[-1]} < window {window}; capture with this config")
     near = band[..., :window]
     offsets = torch.arange(window, device=band.device, dtype=band.dtype)
-    return (near * offsets).sum(-1) + window * (1.0 - near.sum(-1)).clamp(min=0)
+    total = 1.0 if row_mass is None else row_mass
+    return (near * offsets).sum(-1) + window * (total - near.sum(-1)).clamp(min=0)
 
 
 def future_column_sums(band: Tensor, col_sum: Tensor, valid: Tensor, lo: int, hi: int | None) -> tuple[Tensor, Tensor]:
@@ -128,7 +131,8 @@ def fai_series(stats: AttentionStats, weights: Tensor, positions: Tensor, mask: 
 
 def waad_series(stats: AttentionStats, weights: Tensor, positions: Tensor, mask: Tensor, window: int) -> Tensor:
     """WAAD of response tokens over the heads weighted by ``weights`` [B, L, H]: [B, T]."""
-    waad = capped_distance(_weighted(stats.band, weights), window)
+    row_mass = None if stats.row_mass is None else _weighted(stats.row_mass, weights)
+    waad = capped_distance(_weighted(stats.band, weights), window, row_mass)
     return waad.gather(-1, positions) * mask
 
 

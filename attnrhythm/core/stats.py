@@ -7,6 +7,10 @@ Both capture backends reduce causal attention rows to the same three quantities 
 * ``band[t, o]     = A[t, t - o]`` for o < band_width -> WAAD (capped distance) and the FAI
   horizon, read along anti-diagonals
 * ``col_sum[s]     = sum_{t >= s, t valid} A[t, s]`` -> FAI to the end and receiver scores
+* ``row_mass[t]    = sum_s A[t, s]``   -> only for models with attention sinks (GPT-OSS), whose
+  probabilities over positions sum to less than 1: the sink is not a position and enters no
+  statistic, and WAAD's capped distance needs the row's mass to leave it out too.  None for
+  every other model (rows sum to 1), so their numbers do not move.
 
 The eager backend feeds whole maps to :func:`accumulate_rows`; the streaming backend feeds it
 blocks of rows.  Rows of padding tokens contribute nothing.
@@ -26,7 +30,9 @@ class AttentionStats:
     Shapes (B sequences, L sampled layers, H query heads, N padded length, W band width):
     ``row_distance`` [B, L, H, N], ``band`` [B, L, H, N, W], ``col_sum`` [B, L, H, N],
     ``valid`` [B, N] bool (real tokens), ``entropy`` [B, N] (entropy of the distribution that
-    produced token t, NaN at a sequence's first token) or None.  All float32.
+    produced token t, NaN at a sequence's first token) or None, ``row_mass`` [B, L, H, N] (the
+    row's attention over positions: 1 on real rows unless the model has attention sinks, 0 on
+    padding; None = 1 on every real row: kept only for models with attention sinks).  All float32.
     ``layers`` are the model's layer indices behind dimension L.
     """
 
@@ -36,6 +42,7 @@ class AttentionStats:
     col_sum: Tensor
     valid: Tensor
     entropy: Tensor | None = None
+    row_mass: Tensor | None = None
 
     @property
     def band_width(self) -> int:
@@ -44,11 +51,12 @@ class AttentionStats:
     def to(self, device) -> "AttentionStats":
         move = lambda x: None if x is None else x.to(device)  # noqa: E731
         return AttentionStats(self.layers, move(self.row_distance), move(self.band), move(self.col_sum),
-                              move(self.valid), move(self.entropy))
+                              move(self.valid), move(self.entropy), move(self.row_mass))
 
 
 def empty_stats(layers: list[int], batch: int, heads: int, length: int, band_width: int,
-                valid: Tensor, device=None, dtype=torch.float32) -> AttentionStats:
+                valid: Tensor, device=None, dtype=torch.float32, row_mass: bool = False) -> AttentionStats:
+    """Zeroed statistics; ``row_mass``: also keep each row's mass over positions (attention sinks)."""
     z = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
     n_layers = len(layers)
     return AttentionStats(
@@ -57,13 +65,15 @@ def empty_stats(layers: list[int], batch: int, heads: int, length: int, band_wid
         band=z(batch, n_layers, heads, length, band_width),
         col_sum=z(batch, n_layers, heads, length),
         valid=valid.to(device=device, dtype=torch.bool),
+        row_mass=z(batch, n_layers, heads, length) if row_mass else None,
     )
 
 
 def accumulate_rows(stats: AttentionStats, slot: int, probs: Tensor, row_start: int, key_start: int = 0) -> None:
     """Add one block of attention rows to ``stats`` (in place).
 
-    probs: [B, H, b, K] float32 row-stochastic attention of rows ``row_start .. row_start+b-1``
+    probs: [B, H, b, K] float32 attention (row-stochastic, or summing to less than 1 where a
+    sink took part of the row) of rows ``row_start .. row_start+b-1``
     over keys ``key_start .. key_start+K-1`` (keys outside that range have zero weight, as in a
     causal or sliding-window layer).  ``slot`` indexes the sampled layer.
     """
@@ -77,6 +87,8 @@ def accumulate_rows(stats: AttentionStats, slot: int, probs: Tensor, row_start: 
     distance = (rows[:, None] - keys[None, :]).clamp(min=0).to(probs.dtype)  # [b, K]
     row_distance = torch.einsum("bhts,ts->bht", probs, distance) * row_valid[:, None, :]
     stats.row_distance[:, slot, :, row_start:row_start + n_rows] = row_distance
+    if stats.row_mass is not None:
+        stats.row_mass[:, slot, :, row_start:row_start + n_rows] = probs.sum(-1) * row_valid[:, None, :]
 
     width = stats.band.shape[-1]
     offsets = torch.arange(width, device=device)
