@@ -10,7 +10,7 @@ from attnrhythm.core import peak_rules
 from attnrhythm.core.config import RhythmConfig
 from attnrhythm.core.couplings import couplings_table, find_peaks, response_couplings
 from attnrhythm.core.peak_rules import (DEFAULT_RULES, PeakRule, closest_to_paper, coupling_sweep, parse_rule,
-                                        peak_density, prominence_peaks, sweep_figure, sweep_markdown)
+                                        peak_density, prominence_peaks, sweep_markdown)
 from attnrhythm.studies.verdicts import Verdict, summary_line, verdict
 
 
@@ -168,6 +168,8 @@ def test_closest_to_paper_markdown_and_figure(tmp_path):
     text = sweep_markdown(rows)
     assert all(rule.name in text for rule in DEFAULT_RULES)
     assert f"**{best['rule']}**" in text
+    from attnrhythm.studies.figures import sweep_figure
+
     sweep_figure(rows, tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").stat().st_size > 1000
 

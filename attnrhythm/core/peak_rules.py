@@ -20,7 +20,7 @@ over a family of rules, with the peak density and the random baseline each rule 
 and their 95% bootstrap intervals from ``couplings.couplings_table`` (the same resamples and
 seeds as the main table), plus the density of the peaks the coupling counts, with its own
 bootstrap interval.  ``closest_to_paper`` names the rule whose random baseline is nearest the
-paper's; ``sweep_markdown`` and ``sweep_figure`` render the table.
+paper's; ``sweep_markdown`` renders the table (``studies.figures.sweep_figure`` draws it).
 
 Integration: ``core/peak_rules.py``; needs the ``peak_rule`` argument of the coupling functions
 in ``core/couplings.py`` (the accompanying patch).
@@ -272,33 +272,3 @@ def sweep_markdown(rows: list[dict]) -> str:
         lines += [f"Closest to the paper's random baselines (summed over the two share couplings): **{best['rule']}**; "
                   + "; ".join(parts) + ".", ""]
     return "\n".join(lines) + "\n"
-
-
-def sweep_figure(rows: list[dict], path) -> None:
-    """Lift (top) and random baseline (bottom) per rule for each coupling, 95% intervals as
-    error bars, the paper's values as dashed lines; saved to ``path``."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [n for n in COUPLINGS if any(r["coupling"] == n for r in rows)]
-    fig, axes = plt.subplots(2, len(names), figsize=(4.2 * len(names), 6.5), squeeze=False)
-    for j, name in enumerate(names):
-        sub = [r for r in rows if r["coupling"] == name]
-        x = np.arange(len(sub))
-        for i, (key, paper_key, title) in enumerate((("lift", "paper_lift", "lift"),
-                                                     ("random", "paper_random", "random baseline"))):
-            ax = axes[i][j]
-            v = np.array([r[key] for r in sub])
-            ci = np.array([r[f"{key}_ci"] for r in sub], dtype=float)
-            ax.errorbar(x, v, yerr=[v - ci[:, 0], ci[:, 1] - v], fmt="o", capsize=3)
-            ax.axhline(sub[0][paper_key], ls="--", color="C3", label="paper")
-            if key == "lift":
-                ax.axhline(0, color="grey", lw=0.8)
-            ax.set_xticks(x, [r["rule"] for r in sub], rotation=60, ha="right", fontsize=8)
-            ax.set_title(f"{PAPER_TABLE2[name]['label']}\n{title}" if i == 0 else title, fontsize=9)
-            if i == 0 and j == 0:
-                ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -18,7 +18,7 @@ import torch
 
 from attnrhythm.capture import available_bytes, attention_maps, model_layer_count
 from attnrhythm.core.config import RhythmConfig
-from attnrhythm.core.couplings import find_peaks
+from attnrhythm.core.couplings import COUPLINGS, PAPER_TABLE2, find_peaks
 from attnrhythm.io import float_series, write_bytes
 
 
@@ -153,3 +153,35 @@ def write_figures(model, record: dict, folder, config: RhythmConfig = RhythmConf
     write_bytes(folder / "attention_maps.png", attention_maps_png(local, global_, title))
     out["attention_maps"] = "figures/attention_maps.png"
     return out
+
+
+def sweep_figure(rows: list[dict], path) -> None:
+    """Lift (top) and random baseline (bottom) per rule for each coupling, 95% intervals as
+    error bars, the paper's values as dashed lines; saved to ``path``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in COUPLINGS if any(r["coupling"] == n for r in rows)]
+    fig, axes = plt.subplots(2, len(names), figsize=(4.2 * len(names), 6.5), squeeze=False)
+    for j, name in enumerate(names):
+        sub = [r for r in rows if r["coupling"] == name]
+        x = np.arange(len(sub))
+        for i, (key, paper_key, title) in enumerate((("lift", "paper_lift", "lift"),
+                                                     ("random", "paper_random", "random baseline"))):
+            ax = axes[i][j]
+            v = np.array([r[key] for r in sub])
+            ci = np.array([r[f"{key}_ci"] for r in sub], dtype=float)
+            ax.errorbar(x, v, yerr=[v - ci[:, 0], ci[:, 1] - v], fmt="o", capsize=3)
+            ax.axhline(sub[0][paper_key], ls="--", color="C3", label="paper")
+            if key == "lift":
+                ax.axhline(0, color="grey", lw=0.8)
+            ax.set_xticks(x, [r["rule"] for r in sub], rotation=60, ha="right", fontsize=8)
+            ax.set_title(f"{PAPER_TABLE2[name]['label']}\n{title}" if i == 0 else title, fontsize=9)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=8)
+    fig.tight_layout()
+    image = BytesIO()
+    fig.savefig(image, dpi=120, format="png")
+    plt.close(fig)
+    write_bytes(path, image.getvalue())  # atomic

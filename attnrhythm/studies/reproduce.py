@@ -34,12 +34,13 @@ import numpy as np
 
 from attnrhythm import io, log
 from attnrhythm.core.couplings import COUPLINGS, PAPER_TABLE2
-from attnrhythm.core.peak_rules import DEFAULT_RULES, coupling_sweep, sweep_figure, sweep_markdown
+from attnrhythm.core.peak_rules import DEFAULT_RULES, coupling_sweep, sweep_markdown
 from attnrhythm.data import ProblemSettings
 from attnrhythm.errors import UserError
 from attnrhythm.io import option
 from attnrhythm.generation import PROMPT_STYLES
 from attnrhythm.studies import perturb
+from attnrhythm.studies.figures import sweep_figure
 from attnrhythm.studies.verdicts import MIN_PROBLEMS, Verdict, summary_line
 from attnrhythm.studies.verdicts import verdict as two_level_verdict
 
