@@ -4,7 +4,7 @@ training or writing anything.
     attnrhythm train --config examples/paper/qwen3-4b-countdown.yaml --dry-run \
         --accelerate-config examples/accelerate/zero3.yaml
     from attnrhythm.train.dry_run import dry_run
-    print(dry_run("examples/paper/qwen3-4b-countdown.yaml", world_size=8).text)
+    report = dry_run("examples/paper/qwen3-4b-countdown.yaml", world_size=8).text
 
 ``dry_run(config)`` returns a ``DryRun``: the report text plus ``errors`` and ``warnings`` (one line
 each; the command exits 2 on an error) and ``values`` (the report's numbers).
