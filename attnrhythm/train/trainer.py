@@ -1,4 +1,4 @@
-"""GRPO with rhythm credit: TRL's GRPOTrainer plus one attention pass per rollout batch.
+"""GRPO with rhythm credit: TRL's GRPOTrainer plus attention statistics per rollout batch.
 
 TRL 1.16's ``_generate_and_score_completions`` generates, rewards and returns the rollout batch
 (``prompt_ids`` [B, P] left-padded, ``completion_ids``/``completion_mask`` [B, C] right-padded
@@ -9,13 +9,25 @@ prompt + completion, compute gamma and hand TRL ``A_i * gamma_t``.  ``credit='no
 stock TRL's loss exactly; tests/test_trainer.py checks it so that a TRL upgrade that breaks the
 contract fails CI.
 
+No extra forward (``CreditConfig.one_pass``, the default): when TRL runs its no-grad
+old-log-prob pass over prompt + completion (``gradient_accumulation_steps`` not a multiple of
+``steps_per_generation * num_iterations``, our default), ``_get_per_token_logps_and_entropies``
+runs it inside ``capture.in_pass.statistics_in_pass``: the statistics of the sampled layers and
+the token entropy come from that same forward, TRL's log-probs stay bitwise what TRL computes.
+When TRL skips that pass (or it carries vision inputs, or the model is not on SDPA, or the
+statistics fail there) ``_gamma`` runs the separate capture as before, with full parameters
+gathered.  tests/test_trainer.py checks gamma, log-probs and loss against the two-pass path.
+
 Two more overrides keep the learning signal honest: ``_calculate_rewards`` keeps the rewards so
 that a group whose rewards are all equal gets an advantage of exactly 0 (``zero_equal_groups``;
 TRL's float32 arithmetic leaves ~1e-4 residues there that Adam turns into full steps), and the
 share of groups with a signal is logged per rollout batch, with the rhythm drift (``drift.py``),
 optionally the KL to the starting model, and a few rollouts token by token (``rollouts.jsonl``).
 
-The other overrides are bookkeeping: ``log`` (attention-pass share of step time),
+The other overrides are bookkeeping: ``log`` (the share of step time of ``rhythm/attention_s``:
+two-pass, the separate capture + metrics + gamma; one-pass, the statistics work timed inside
+TRL's pass, i.e. the sampled layers' block loops and the entropy, + metrics + gamma; TRL's own
+forward is not counted; ``rhythm/one_pass`` says which),
 ``_save_checkpoint`` / ``_load_optimizer_and_scheduler`` (fixed head sets survive --resume, the
 pattern TRL uses for its entropy controller).
 """
@@ -34,7 +46,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
 
-from attnrhythm import io
+from attnrhythm import io, log
 from attnrhythm.capture import capture_statistics
 from attnrhythm.capture.in_pass import statistics_in_pass
 from attnrhythm.capture.in_pass import supported as in_pass_supported
@@ -48,6 +60,7 @@ from attnrhythm.train.drift import SERIES_KEYS, drift_metrics, head_sets, series
 CREDITS = CREDIT_NAMES  # the registry's names (attnrhythm.core.credit.CREDITS)
 RHYTHM_STATE = "rhythm_state.json"
 ROLLOUTS = "rollouts.jsonl"
+logger = log.get_logger(__name__)
 
 
 @dataclass
@@ -59,7 +72,8 @@ class CreditConfig:
     head_refresh_steps: int = 50
     """head_mode='fixed': re-classify heads on the current rollout batch every K optimizer steps."""
     capture_batch_size: int | None = None
-    """Sequences per capture chunk; None = per_device_train_batch_size (as TRL's log-prob pass)."""
+    """Sequences per chunk of the separate attention pass; None = per_device_train_batch_size (as
+    TRL's log-prob pass, whose chunks the one-pass statistics use)."""
     capture_with_none: bool = False
     """Also run (and time) the attention pass for strategy 'none'; gamma stays exactly 1."""
     zero_equal_groups: bool = True
@@ -136,7 +150,7 @@ class RhythmGRPOTrainer(GRPOTrainer):
             return output
         start = time.perf_counter()
         gamma, keep, info = self._gamma(output)
-        in_pass = self._pass_capture.seconds if info["one_pass"] else 0.0
+        in_pass = self._pass_capture.seconds if self._pass_capture is not None else 0.0  # also when it failed
         self._pass_capture = None
         shaped = apply_sign(advantages, gamma, self.credit.rhythm.sign)
         if keep is not None:  # Wang et al.: no policy gradient outside the kept tokens
@@ -172,6 +186,10 @@ class RhythmGRPOTrainer(GRPOTrainer):
         """The statistics of TRL's pass as [(first row, stats)] when they cover exactly these
         sequences, else None (the separate pass runs)."""
         capture = self._pass_capture
+        if capture is not None and capture.failed and not getattr(self, "_pass_failure_noticed", False):
+            self._pass_failure_noticed = True
+            logger.warning("attnrhythm: statistics in TRL's log-prob pass failed (%s); using a separate "
+                           "attention pass", capture.failed)
         if capture is None or capture.failed or capture.rows != ids.size(0) or not capture.chunks:
             return None
         if any(stats.valid.shape[1] != ids.size(1) for _, stats in capture.chunks):
