@@ -205,7 +205,8 @@ def build_trainer(config: TrainConfig, resuming: bool = False):
 
     from attnrhythm.models import load_model
     from attnrhythm.tasks import get_task
-    from attnrhythm.train.trainer import CompactProgress, CreditConfig, MetricsJsonl, RhythmGRPOTrainer
+    from attnrhythm.train.callbacks import CompactProgress, MetricsJsonl
+    from attnrhythm.train.trainer import CreditConfig, RhythmGRPOTrainer
 
     task = get_task(config.task, config.template)
     rows = task.load("train", config.train_size, config.seed)
@@ -248,7 +249,7 @@ def run_plan(config: TrainConfig, world_size: int = 1) -> str:
 
 def train(config: TrainConfig, checkpoint: str | None = None):
     """Validate, then run (or resume) ``config``; returns the trainer."""
-    from attnrhythm.train.trainer import truncate_metrics
+    from attnrhythm.train.callbacks import truncate_metrics
 
     validate(config)
     if checkpoint is not None and not os.path.exists(os.path.join(checkpoint, "trainer_state.json")):

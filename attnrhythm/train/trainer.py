@@ -41,7 +41,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-from transformers import ProgressCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
@@ -55,6 +54,7 @@ from attnrhythm.core.credit import (CREDIT_NAMES, apply_sign, credit_sets, gamma
                                     get_credit, high_entropy_selection_mask)
 from attnrhythm.core.heads import HeadSets
 from attnrhythm.core.metrics import calibration_distance, heads_from_distance, rhythm_from_stats
+from attnrhythm.train.callbacks import CompactProgress, MetricsJsonl, truncate_metrics  # noqa: F401 (re-exported)
 from attnrhythm.train.drift import SERIES_KEYS, drift_metrics, head_sets, series_sums
 
 CREDITS = CREDIT_NAMES  # the registry's names (attnrhythm.core.credit.CREDITS)
@@ -444,43 +444,3 @@ class RhythmGRPOTrainer(GRPOTrainer):
                 self._first_heads = tuple({tuple(h) for h in x} for x in state["first_heads"])
             if state["heads"] is not None:
                 self._heads = HeadSets(torch.tensor(state["heads"]["local"]), torch.tensor(state["heads"]["global"]))
-
-
-class MetricsJsonl(TrainerCallback):
-    """One JSON line per logging step in ``path`` (main process).  Each line is flushed and
-    fsynced, so a killed run keeps what it logged; ``truncate_metrics`` cuts a resumed run's
-    file back to its checkpoint.  The end-of-training summary goes to train_summary.json."""
-
-    def __init__(self, path: str, extras=None):
-        self.path, self.extras = path, extras
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        if "train_runtime" in logs:
-            io.write_json(os.path.join(os.path.dirname(self.path), "train_summary.json"),
-                          {"step": state.global_step, **logs})
-            return
-        io.append_jsonl(self.path, [{"step": state.global_step, **logs, **(self.extras() if self.extras else {})}])
-
-
-def truncate_metrics(path: str, last_step: int) -> int:
-    """Keep the records with step <= last_step (atomically; a cut last line is dropped as
-    ``io.read_jsonl`` does); returns the count kept."""
-    if not os.path.exists(path):
-        return 0
-    kept = [r for r in io.read_jsonl(path) if isinstance(r, dict) and r.get("step", math.inf) <= last_step]
-    io.write_jsonl(path, kept)
-    return len(kept)
-
-
-class CompactProgress(ProgressCallback):
-    """TRL's progress bar, with reward/accuracy/loss in the bar instead of a dict printed per step."""
-
-    KEYS = ("loss", "reward", "accuracy", "rhythm/gamma_mean")
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and self.training_bar is not None and logs:
-            shown = {k.split("/")[-1]: f"{logs[k]:.3g}" for k in self.KEYS if isinstance(logs.get(k), (int, float))}
-            if shown:
-                self.training_bar.set_postfix(shown, refresh=False)
