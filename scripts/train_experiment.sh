@@ -51,7 +51,7 @@ evaluate() {  # evaluate MODEL_DIR
   [[ -f $1/eval.json ]] && return
   echo "[$(stamp)] eval $1"
   attnrhythm eval --model "$1" --task "$TASK" --n "$EVAL_N" --samples 1 --max-new-tokens 128 --seed 0 \
-    --out "$1/eval.json.partial" && mv "$1/eval.json.partial" "$1/eval.json"
+    --out "$1/eval.json"  # written atomically: a killed eval leaves no eval.json
 }
 evaluate "$OUT/warm"
 

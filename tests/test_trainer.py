@@ -309,7 +309,7 @@ def test_drift_and_rollout_samples_are_logged(tiny_model, tmp_path):
 def test_drift_jaccard_and_series_sums():
     from attnrhythm.train.drift import head_sets, jaccard, series_sums  # noqa: E402
     d = torch.tensor([[1.0, 5.0, 3.0], [9.0, 2.0, 7.0]])
-    local, global_ = head_sets(d, [4, 8], 0.2)
+    local, global_ = head_sets(d, [4, 8], RhythmConfig(head_fraction=0.2))
     assert local == {(4, 0)} and global_ == {(8, 0)}
     assert jaccard({(1, 2)}, {(1, 2), (3, 4)}) == 0.5 and jaccard(set(), set()) == 1.0
     waad = torch.tensor([[0.0, 2.0, 1.0, 3.0, 0.0]])

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from attnrhythm.core.couplings import find_peaks
-from attnrhythm.core.heads import classify_heads
+from attnrhythm.core.config import RhythmConfig
+from attnrhythm.core.metrics import heads_from_distance
 
 SERIES_KEYS = ("tokens", "waad_sum", "fai_sum", "fai_defined", "waad_peaks", "fai_peaks")
 
@@ -38,11 +39,11 @@ def series_sums(waad: Tensor, fai: Tensor, mask: Tensor, q: float) -> dict[str, 
     }
 
 
-def head_sets(mean_distance: Tensor, layers: list[int], fraction: float) -> tuple[set, set]:
+def head_sets(mean_distance: Tensor, layers: list[int], config: RhythmConfig) -> tuple[set, set]:
     """(local, global) sets of (model layer, head) from a [L, H] mean head distance."""
-    local, global_ = classify_heads(torch.nan_to_num(mean_distance.float(), nan=0.0), fraction)
+    heads = heads_from_distance(torch.nan_to_num(mean_distance.float(), nan=0.0), config)
     as_set = lambda m: {(layers[int(l)], int(h)) for l, h in m.nonzero().tolist()}  # noqa: E731
-    return as_set(local), as_set(global_)
+    return as_set(heads.local), as_set(heads.global_)
 
 
 def jaccard(a: set, b: set) -> float:

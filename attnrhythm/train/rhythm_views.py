@@ -19,6 +19,7 @@ from io import BytesIO
 from attnrhythm import io, log
 from attnrhythm.errors import MissingInput, UserError
 from attnrhythm.io import option
+from attnrhythm.train.plot import run_name
 
 DRIFT_PANELS = [
     ("head sets vs first rollout (Jaccard)", ["rhythm/jaccard_local", "rhythm/jaccard_global"]),
@@ -40,15 +41,8 @@ def _records(path: str) -> list[dict]:
 
 
 def _label(run: str) -> str:
-    path = os.path.join(run, "config.yaml")
-    if os.path.exists(path):
-        import yaml
-
-        with open(path) as f:
-            credit = (yaml.safe_load(f) or {}).get("credit")
-        if credit:
-            return f"{credit} ({os.path.basename(os.path.normpath(run))})"
-    return os.path.basename(os.path.normpath(run))
+    """'credit (folder)': runs of one credit with different seeds stay apart."""
+    return f"{run_name(run)} ({os.path.basename(os.path.normpath(run))})"
 
 
 def plot_rhythm(runs: list[str], out: str) -> list[str]:

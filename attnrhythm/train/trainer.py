@@ -389,10 +389,11 @@ class RhythmGRPOTrainer(GRPOTrainer):
         if info["distance_sum"] is None:
             return
         series = self._summed({k: info["series"][k] for k in SERIES_KEYS})
-        flat = info["distance_sum"].flatten().tolist()
-        summed = self._summed({**{f"d{i:05d}": v for i, v in enumerate(flat)}, "n_seq": info["n_seq"]})
-        mean = torch.tensor([summed[f"d{i:05d}"] for i in range(len(flat))]) / max(1.0, summed["n_seq"])
-        local, global_ = head_sets(mean.view_as(info["distance_sum"]), info["layers"], self.credit.rhythm.head_fraction)
+        distance = info["distance_sum"].double().to(self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            distance = self.accelerator.reduce(distance, reduction="sum")
+        n_seq = self._summed({"n_seq": info["n_seq"]})["n_seq"]
+        local, global_ = head_sets(distance.cpu() / max(1.0, n_seq), info["layers"], self.credit.rhythm)
         if self._first_heads is None:
             self._first_heads = (local, global_)
         for key, value in drift_metrics(series, local, global_, *self._first_heads).items():
