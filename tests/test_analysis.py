@@ -17,9 +17,10 @@ from attnrhythm.capture import capture_statistics
 from attnrhythm.cli import main
 from attnrhythm.core.couplings import COUPLINGS
 from attnrhythm.data import Problem
+from attnrhythm.errors import UserError
 from attnrhythm.generation import Sampled
 from attnrhythm.core.heads import heads_to_mask
-from attnrhythm.core.metrics import rhythm_from_stats
+from attnrhythm.core.metrics import receiver_kurtosis, rhythm_from_stats
 
 PROBLEMS = [Problem("p1", "Tom has 3 apples. He buys 2 more. How many apples does he have?", "#### 5", "5"),
             Problem("p2", "What is 2+2?", "#### 4", "4"),
@@ -47,12 +48,13 @@ def check_outputs(out, n_records, n_layers_model=None):
         n = len(r["response_token_ids"])
         assert all(len(r[key]) == n for key in PER_TOKEN), r["id"]
         for key in ("question", "response", "prompt", "prompt_token_ids", "local_heads", "global_heads",
-                    "receiver_heads", "head_distance", "receiver_kurtosis", "couplings", "layers"):
+                    "receiver_heads", "head_distance", "receiver_layers", "receiver_kurtosis", "couplings", "layers"):
             assert key in r
         if n:
             assert r["fai"][-1] is None  # analysis horizon: the last token has no later row
             layers = set(r["layers"])
-            assert all(layer in layers for layer, _ in r["local_heads"] + r["global_heads"] + r["receiver_heads"])
+            assert all(layer in layers for layer, _ in r["local_heads"] + r["global_heads"])
+            assert all(layer in r["receiver_layers"] for layer, _ in r["receiver_heads"])
             assert len(r["head_distance"]) == len(r["layers"])
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "complete" and run["n_responses"] == n_records
@@ -95,17 +97,46 @@ def test_receiver_fai_matches_a_direct_capture(tiny_run, tiny_model):
     rhythm_from_stats with those heads on a fresh capture of the stored token ids."""
     records = read_records(tiny_run)
     receivers = calibrate_receivers(records, ANALYSIS_CONFIG.n_receiver_heads)
-    assert receivers == records[0]["receiver_heads"] and len(receivers) == 8  # 2 layers x 4 heads < 20
+    # receiver heads are ranked over every layer (4 x 4 heads < 20), the head groups over the sampled 2
+    assert receivers == records[0]["receiver_heads"] and len(receivers) == 16
+    assert records[0]["layers"] == [1, 2] and records[0]["receiver_layers"] == [0, 1, 2, 3]
     for r in records:
         ids = torch.tensor([r["prompt_token_ids"] + r["response_token_ids"]])
-        stats = capture_statistics(tiny_model, ids, config=ANALYSIS_CONFIG)
         response = torch.arange(ids.shape[1])[None] >= len(r["prompt_token_ids"])
-        mask = heads_to_mask([(r["layers"].index(l), h) for l, h in receivers], len(r["layers"]), 4)
-        direct = rhythm_from_stats(stats, response, ANALYSIS_CONFIG, receiver_heads=mask)[0]
+        every = capture_statistics(tiny_model, ids, config=ANALYSIS_CONFIG, layers=[0, 1, 2, 3], backend="eager")
+        mask = heads_to_mask([(l, h) for l, h in receivers], 4, 4)
+        fai_receiver = rhythm_from_stats(every, response, ANALYSIS_CONFIG, receiver_heads=mask)[0].fai_receiver
+        direct = rhythm_from_stats(every.subset(r["layers"]), response, ANALYSIS_CONFIG)[0]
+        assert torch.allclose(torch.tensor(r["receiver_kurtosis"], dtype=torch.float64),
+                              receiver_kurtosis(every, response, ANALYSIS_CONFIG.receiver_gap)[0], rtol=1e-4)
         got = torch.tensor([math.nan if v is None else v for v in r["fai_receiver"]], dtype=torch.float64)
-        assert torch.allclose(got, direct.fai_receiver.double(), rtol=1e-5, equal_nan=True)
+        assert torch.allclose(got, fai_receiver.double(), rtol=1e-4, equal_nan=True)
         assert torch.allclose(torch.tensor([math.nan if v is None else v for v in r["waad"]], dtype=torch.float64),
                               direct.waad.double(), rtol=1e-5)
+
+
+def test_receiver_heads_among_the_sampled_layers_on_request(tiny_model):
+    """receiver_layers='sampled' ranks only the sampled layers' heads: its kurtosis rows are the
+    all-layer rows of those layers, and every other metric is the same under both settings (to
+    float32 noise: a layer captured by the streaming function and one left to SDPA differ in the
+    last bits, which the next layers carry on)."""
+    prompt, response = [[5, 6, 7, 8, 9]], [list(range(20, 44))]
+    every = capture_records(tiny_model, prompt, response, ANALYSIS_CONFIG)[0]
+    sampled = capture_records(tiny_model, prompt, response, ANALYSIS_CONFIG.replace(receiver_layers="sampled"))[0]
+    assert every["receiver_layers"] == [0, 1, 2, 3] and sampled["receiver_layers"] == [1, 2]
+    close = lambda a, b: torch.allclose(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64),  # noqa: E731
+                                        rtol=1e-4, atol=1e-6, equal_nan=True)
+    assert close(sampled["receiver_kurtosis"], every["receiver_kurtosis"][1:3])
+    assert close(sampled["_head_fai"], every["_head_fai"][1:3])
+    for key in ("waad", "fai", "entropy", "head_distance"):
+        assert close([math.nan if v is None else v for v in sampled[key]] if key != "head_distance" else sampled[key],
+                     [math.nan if v is None else v for v in every[key]] if key != "head_distance" else every[key]), key
+    assert sampled["local_heads"] == every["local_heads"] and sampled["global_heads"] == every["global_heads"]
+    records = [dict(every, id="a", response_token_ids=response[0]), dict(sampled, id="b", response_token_ids=response[0])]
+    with pytest.raises(UserError, match="receiver-layers"):
+        calibrate_receivers(records, 20)
+    with pytest.raises(UserError, match="receiver_layers"):
+        ANALYSIS_CONFIG.replace(receiver_layers="middle")
 
 
 def test_resume_after_interruption_matches_uninterrupted(tiny_run, tiny_model, tokenizer, tmp_path, monkeypatch):

@@ -44,6 +44,10 @@ class RhythmConfig:
     receiver_gap: int = 4
     """Vertical scores ignore rows closer than this to the column (Bogdan et al. 2025)."""
     n_receiver_heads: int = 20
+    receiver_layers: Literal["all", "sampled"] = "all"
+    """Where receiver heads are ranked: every layer, as the paper does (**Decision**, the default:
+    vertical scores need only column statistics, one capture of all layers), or only the sampled
+    ``layers`` (the analysis's earlier, cheaper choice)."""
     peak_q: float = 0.4
     """*Decision*: a peak is a local maximum that also lies in the top peak_q of its series."""
     coupling_k: int = 3
@@ -54,6 +58,8 @@ class RhythmConfig:
 
     def __post_init__(self) -> None:
         lo, hi = self.fai_horizon
+        if self.receiver_layers not in ("all", "sampled"):
+            raise UserError(f"receiver_layers must be 'all' or 'sampled', got {self.receiver_layers!r}")
         if self.window < 1:
             raise UserError(f"window must be >= 1, got {self.window}")
         if lo < 1 or (hi is not None and hi < lo):

@@ -48,6 +48,13 @@ class AttentionStats:
     def band_width(self) -> int:
         return self.band.shape[-1]
 
+    def subset(self, layers: list[int]) -> "AttentionStats":
+        """The statistics of ``layers`` (model layer indices, all of them in ``self.layers``)."""
+        slots = [self.layers.index(layer) for layer in layers]
+        pick = lambda x: None if x is None else x[:, slots]  # noqa: E731
+        return AttentionStats(list(layers), pick(self.row_distance), pick(self.band), pick(self.col_sum),
+                              self.valid, self.entropy, pick(self.row_mass))
+
     def to(self, device) -> "AttentionStats":
         move = lambda x: None if x is None else x.to(device)  # noqa: E731
         return AttentionStats(self.layers, move(self.row_distance), move(self.band), move(self.col_sum),

@@ -22,8 +22,9 @@ Defaults: the FAI horizon is the paper appendix's analysis horizon (every later 
 correct finish_reason prompt_token_ids response_token_ids tokens layers``, per-token lists
 ``waad delta fai fai_receiver entropy`` (null = undefined), ``fai_rows`` (how many rows each FAI
 value averages: few near the end of a response), ``local_heads global_heads
-receiver_heads`` ([model layer, head]), ``head_distance receiver_kurtosis`` ([L][H], L = the
-sampled ``layers``) and ``couplings`` (this response's Table 2 statistics).  Undefined values:
+receiver_heads`` ([model layer, head]), ``head_distance`` ([L][H], L = the sampled ``layers``),
+``receiver_layers`` and ``receiver_kurtosis`` ([R][H] over those layers: all of the model's by
+default, ``RhythmConfig.receiver_layers``) and ``couplings`` (this response's Table 2 statistics).  Undefined values:
 FAI is null where no later row exists (the last token; every token of a response shorter than
 the horizon start); an empty response keeps its record with empty lists and no head sets and
 is left out of calibration and couplings.
@@ -77,6 +78,8 @@ class AnalyzeSettings(ProblemSettings):
     fai_horizon: str = option("analysis", "FAI rows: analysis (every later token), rl (10,100), v1 (10,50) or "
                               "LO,HI (LO, = to the end)")
     receiver_heads: int = option(RhythmConfig.n_receiver_heads, "receiver heads kept")
+    receiver_layers: str = option(RhythmConfig.receiver_layers, "rank receiver heads over every layer (the "
+                                  "paper's choice) or only the sampled --layers", choices=("all", "sampled"))
     device: str | None = option(None, "cuda, cpu, ... (none: cuda when available)")
     dtype: str = option("auto", "model dtype (auto: bfloat16 on a GPU, float32 on a CPU)",
                         choices=("auto", "float32", "bfloat16", "float16"))
@@ -89,7 +92,7 @@ class AnalyzeSettings(ProblemSettings):
 
     def config(self) -> RhythmConfig:
         return ANALYSIS_CONFIG.replace(layers=parse_layers(self.layers), fai_horizon=parse_horizon(self.fai_horizon),
-                                       n_receiver_heads=self.receiver_heads)
+                                       n_receiver_heads=self.receiver_heads, receiver_layers=self.receiver_layers)
 
     def validate(self) -> None:
         """Refuse what cannot give a result, warn about what gives an unreliable one; before
@@ -100,22 +103,37 @@ class AnalyzeSettings(ProblemSettings):
         self.config()
 
 
-def _empty_metrics(layers: list[int]) -> dict:
+def _empty_metrics(layers: list[int], receiver_layers: list[int]) -> dict:
     """An empty response: no series, no head sets (every metric is undefined)."""
     return dict(layers=layers, waad=[], delta=[], fai=[], fai_rows=[], entropy=[], local_heads=[], global_heads=[],
-                head_distance=None, receiver_kurtosis=None, _head_fai=np.zeros((0, 0, 0), np.float32))
+                head_distance=None, receiver_layers=receiver_layers, receiver_kurtosis=None,
+                _head_fai=np.zeros((0, 0, 0), np.float32))
+
+
+def receiver_layers_of(model, config: RhythmConfig) -> list[int]:
+    """The model layers receiver heads are ranked in (``config.receiver_layers``)."""
+    return resolve_layers(model, config, "all" if config.receiver_layers == "all" else None)
+
+
+def _receiver_slots(record: dict) -> list[int]:
+    """Layers behind a record's ``receiver_kurtosis`` and ``_head_fai`` (older records: the sampled ones)."""
+    return record.get("receiver_layers") or record["layers"]
 
 
 def capture_records(model, prompt_ids: list[list[int]], response_ids: list[list[int]],
                     config: RhythmConfig = ANALYSIS_CONFIG, backend: str = "streaming") -> list[dict]:
     """Metrics of B responses from one capture pass over the right-padded batch.
 
-    Returns B dicts: ``layers`` (model layer indices), series ``waad``/``delta``/``fai``/``entropy``
-    (lists, None = undefined), ``local_heads``/``global_heads`` ([model layer, head] pairs),
-    ``head_distance`` and ``receiver_kurtosis`` ([L][H]), and ``_head_fai`` ([L, H, T] array).
+    Returns B dicts: ``layers`` (the sampled model layers), series ``waad``/``delta``/``fai``/
+    ``entropy`` (lists, None = undefined), ``local_heads``/``global_heads`` ([model layer, head]
+    pairs), ``head_distance`` ([L][H]), ``receiver_layers`` (the layers receiver heads are ranked
+    in: every layer, or the sampled ones, ``config.receiver_layers``), ``receiver_kurtosis``
+    ([R][H] over those) and ``_head_fai`` ([R, H, T] array).  One capture serves both: the sampled
+    layers' statistics are a slice of the all-layer capture.
     """
     layers = resolve_layers(model, config)
-    out = [_empty_metrics(layers) for _ in prompt_ids]
+    receiver_layers = receiver_layers_of(model, config)
+    out = [_empty_metrics(layers, receiver_layers) for _ in prompt_ids]
     live = [i for i, r in enumerate(response_ids) if r]
     if not live:
         return out
@@ -129,11 +147,13 @@ def capture_records(model, prompt_ids: list[list[int]], response_ids: list[list[
         attention_mask[j, :len(seqs[j])] = 1
         response_mask[j, len(prompt_ids[i]):len(seqs[j])] = True
     device = next(model.parameters()).device
-    stats = capture_statistics(model, input_ids.to(device), attention_mask.to(device), config=config,
-                               layers=layers, backend=backend).to("cpu")
+    captured = sorted(set(layers) | set(receiver_layers))
+    all_stats = capture_statistics(model, input_ids.to(device), attention_mask.to(device), config=config,
+                                   layers=captured, backend=backend).to("cpu")
+    stats, receiver_stats = all_stats.subset(layers), all_stats.subset(receiver_layers)
     result = rhythm_from_stats(stats, response_mask, config)
-    kurt = receiver_kurtosis(stats, response_mask, config.receiver_gap)
-    head_fai = per_head_fai(stats, result.positions, result.mask, config.fai_horizon)
+    kurt = receiver_kurtosis(receiver_stats, response_mask, config.receiver_gap)
+    head_fai = per_head_fai(receiver_stats, result.positions, result.mask, config.fai_horizon)
     rows_behind = fai_row_counts(stats, result.positions, result.mask, config.fai_horizon)
     for j, i in enumerate(live):
         r, n = result[j], len(response_ids[i])
@@ -144,6 +164,7 @@ def capture_records(model, prompt_ids: list[list[int]], response_ids: list[list[
             local_heads=[[layers[s], h] for s, h in r.local_heads],
             global_heads=[[layers[s], h] for s, h in r.global_heads],
             head_distance=[io.float_list(row) for row in r.head_distance],
+            receiver_layers=receiver_layers,
             receiver_kurtosis=[io.float_list(row) for row in kurt[j]],
             _head_fai=head_fai[j, :, :, :n].numpy())
     return out
@@ -211,7 +232,10 @@ def calibrate_receivers(records: list[dict], count: int) -> list[list[int]]:
     usable = [r for r in records if r.get("receiver_kurtosis") is not None]
     if not usable:
         return []
-    layers = usable[0]["layers"]
+    layers = _receiver_slots(usable[0])
+    if any(_receiver_slots(r) != layers for r in usable):
+        raise UserError("the stored responses rank receiver heads over other layers than this run "
+                        "(--receiver-layers changed?): resume with the old setting or pass --overwrite")
     kurt = torch.stack([torch.stack([io.float_series(row) for row in r["receiver_kurtosis"]]) for r in usable])
     finite_heads = int(torch.isfinite(kurt).any(0).sum())
     if finite_heads == 0:
@@ -226,7 +250,7 @@ def fill_receiver_fai(record: dict, receivers: list[list[int]], head_fai: np.nda
     if not record["response_token_ids"] or not receivers:
         record["fai_receiver"] = [None] * len(record["response_token_ids"])
         return
-    slots = [record["layers"].index(layer) for layer, _ in receivers]
+    slots = [_receiver_slots(record).index(layer) for layer, _ in receivers]
     heads = [h for _, h in receivers]
     record["fai_receiver"] = io.float_list(torch.from_numpy(head_fai[slots, heads]).double().mean(0))
 
@@ -297,6 +321,7 @@ def run_analysis(model, tokenizer, problems: list[Problem], out_dir, settings: A
     run = dict(settings=asdict(settings), config=config.to_dict(), prompt_style=style,
                layers=resolve_layers(model, config), command=command, machine=machine_info(model),
                receiver_calibration="all non-empty responses of this run (kurtosis averaged over them)",
+               receiver_layers=receiver_layers_of(model, config),
                started=datetime.now(timezone.utc).isoformat(timespec="seconds"), status="running")
     done: list[dict] = []
     if resume and metrics_path.exists():

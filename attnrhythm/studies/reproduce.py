@@ -327,6 +327,12 @@ def render_markdown(meta: dict, rows: list[dict], table2: dict, table1: dict, ra
 
 # ---------------------------------------------------------------- settings and the command
 
+def _receiver_scope(run: dict) -> str:
+    layers = run.get("receiver_layers") or run.get("layers") or []
+    scope = "every layer" if run["config"].get("receiver_layers") == "all" else "the sampled layers"
+    return f"{scope} ({len(layers)})"
+
+
 @dataclass
 class ReproduceSettings(ProblemSettings):
     """Everything a `reproduce` run needs; the analysis and the perturbation get their settings from it."""
@@ -389,7 +395,8 @@ def run_reproduction(settings: ReproduceSettings) -> dict:
                  f"({saved.get('n_boot')} resamples over problems)",
         "analysis": f"sampling T = {saved['temperature']}, up to {saved['max_new_tokens']} new tokens, "
                     f"prompt {run.get('prompt_style')}, layers {run.get('layers')}, FAI horizon "
-                    f"{run['config']['fai_horizon']}, receiver heads calibrated on this run",
+                    f"{run['config']['fai_horizon']}, receiver heads calibrated on this run over "
+                    f"{_receiver_scope(run)}",
         "perturbation": f"greedy, up to {table1['settings']['max_new_tokens']} new tokens, k = "
                         f"{table1['settings']['k']}, {table1['settings']['alternatives']} alternatives, positions "
                         f"at least {table1['settings']['min_after']} tokens before the end, dtype "

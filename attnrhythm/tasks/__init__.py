@@ -13,6 +13,7 @@ from typing import Callable
 from attnrhythm.tasks.choice import choice_prompt, load_choice_jsonl, score_choice, verify_choice
 from attnrhythm.tasks.countdown import (
     EASY,
+    VARIANTS,
     CountdownInstance,
     countdown_prompt,
     generate_countdown,
@@ -32,7 +33,7 @@ __all__ = [
 ]
 
 # "-dense": the same instances with partial credit for nearness (verify_countdown_dense)
-KNOWN_TASKS = ("countdown", "countdown-easy", "countdown-dense", "countdown-easy-dense", "gsm8k",
+KNOWN_TASKS = (*VARIANTS, *(f"{name}-dense" for name in VARIANTS), "gsm8k",
                "math-jsonl:PATH", "choice-jsonl:PATH")
 
 
@@ -123,7 +124,7 @@ def get_task(name: str, template: str = "base") -> Task:
     """
     if template not in ("base", "chat"):
         raise UserError(f"template must be 'base' or 'chat', not {template!r}")
-    countdown = {"countdown": {}, "countdown-easy": EASY}
+    countdown = VARIANTS
     if name in countdown:
         return _countdown_task(name, template, countdown[name])
     if name.endswith("-dense") and name.removesuffix("-dense") in countdown:

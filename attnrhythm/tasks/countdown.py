@@ -27,6 +27,12 @@ DEFAULT_TARGET_RANGE = (10, 100)
 (drawn from Stream-of-Search); configurable."""
 EASY = {"n_numbers": 3, "max_number": 20, "target_range": (1, 100)}
 """Settings small enough for a ~135M model to learn (the "countdown-easy" task)."""
+PAIRS = {"n_numbers": 2, "max_number": 50, "target_range": (1, 100)}
+"""**Decision** (task option "countdown-pairs"): two numbers up to 50, one operation to choose.
+The smallest Countdown a ~135M model can learn from on a 2-core CPU within an hour: its warm
+start solves part of it, so most GRPO groups carry a signal (docs/training/results.md)."""
+VARIANTS = {"countdown": {}, "countdown-easy": EASY, "countdown-pairs": PAIRS}
+"""Every generated Countdown variant by task name; "-dense" on any of them adds nearness credit."""
 MAX_SOLVER_NUMBERS = 6
 
 _ANSWER_OPEN, _ANSWER_CLOSE = "<answer>", "</answer>"

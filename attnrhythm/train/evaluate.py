@@ -151,7 +151,7 @@ class EvalSettings:
 
     model: str = option("smollm2-135m", "embedded name (smollm2-135m), model folder, run folder (its latest "
                         "checkpoint) or hub id")
-    task: str = option("countdown", "countdown, countdown-easy, gsm8k, math-jsonl:PATH, choice-jsonl:PATH")
+    task: str = option("countdown", "countdown, countdown-easy, countdown-pairs (add -dense for nearness credit), gsm8k, math-jsonl:PATH, choice-jsonl:PATH")
     template: str = option("base", "prompt template: plain text or chat messages", choices=("base", "chat"))
     n: int = option(512, "test problems (the paper's Countdown test set: 512)")
     samples: int = option(1, "completions per problem: 1 = pass@1, k = avg@k and pass@k")

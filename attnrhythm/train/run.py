@@ -27,7 +27,7 @@ FLAGS = [
     ("--preset", "preset", str, ("cpu", "gpu", "paper"), "run sizes: cpu, gpu (one GPU) or the paper's "
      "(none: gpu with CUDA, else cpu)"),
     ("--model", "model", str, None, "embedded name (smollm2-135m), local model folder or hub id"),
-    ("--task", "task", str, None, "countdown, countdown-easy, gsm8k, math-jsonl:PATH, choice-jsonl:PATH"),
+    ("--task", "task", str, None, "countdown, countdown-easy, countdown-pairs (add -dense for nearness credit), gsm8k, math-jsonl:PATH, choice-jsonl:PATH"),
     ("--template", "template", str, ("base", "chat"), "prompt template: plain text or chat messages"),
     ("--out", "out", str, None, "run folder"),
     ("--credit", "credit", str, CREDIT_NAMES, "credit strategy (none = plain GRPO)"),

@@ -33,7 +33,7 @@ from attnrhythm.errors import UserError
 from attnrhythm.io import option
 from attnrhythm.generation import prompt_text
 from attnrhythm.tasks import get_task, solve_countdown
-from attnrhythm.tasks.countdown import split_of
+from attnrhythm.tasks.countdown import VARIANTS, split_of
 
 logger = log.get_logger(__name__)
 
@@ -188,7 +188,7 @@ class SftSettings:
 
     out: str = option("runs/warm", "folder to save the warm model and tokenizer to")
     model: str = option("smollm2-135m", "embedded name, local model folder or hub id")
-    task: str = option("countdown-easy", "countdown or countdown-easy", choices=("countdown", "countdown-easy"))
+    task: str = option("countdown-easy", "a Countdown variant", choices=tuple(VARIANTS))
     template: str = option("base", "prompt template: plain text or chat messages", choices=("base", "chat"))
     n: int = option(2000, "train-split instances to draw")
     steps: int = option(30, "optimizer steps")
