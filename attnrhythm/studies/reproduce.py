@@ -5,8 +5,8 @@ verdict per claim, written to ``REPRODUCTION.md`` and ``figures/`` in ``--out``.
    a missing or unfinished analysis is run (or resumed) through the analysis API.
 2. Table 1, perturbation: the `perturb` outputs of the folder, run or resumed likewise.
 3. v2 Table 10, layer ranges: the Table 2 couplings with the head statistics taken from the
-   bottom, middle and top thirds of the layers.  The saved token ids are recaptured with the
-   other layer sets; nothing is generated again.  Cached in ``layer_ranges.json``.
+   bottom, middle and top thirds of the layers, receiver heads ranked within the third.  The
+   saved token ids are recaptured with each layer set; nothing is generated again.  Cached in ``layer_ranges.json``.
 
 What is already in the folder defines the study: its model, data, n and seed must match the
 command's (otherwise the command stops and says so); its other settings are kept.
@@ -138,8 +138,10 @@ def ensure_perturbation(args) -> dict:
 
 
 def layer_range_tables(args, run: dict, records: list[dict], middle: dict, load) -> dict:
-    """{range: {"layers": [...], "table": couplings table}} for bottom, middle and top; the
-    analysis's own table is used for the range its config names; results cached on disk."""
+    """{range: {"layers": [...], "table": couplings table}} for bottom, middle and top; results
+    cached on disk.  Within a range everything comes from that range's layers, receiver heads
+    included (``receiver_layers="sampled"``), so the three ranges compare like with like; the
+    analysis's own table is reused only when it was computed that way."""
     from attnrhythm.capture import resolve_layers
     from attnrhythm.core.config import RhythmConfig
     from attnrhythm.studies.analyze import capture_records, finalize
@@ -147,7 +149,8 @@ def layer_range_tables(args, run: dict, records: list[dict], middle: dict, load)
     out = Path(args.out)
     cache_path = out / "layer_ranges.json"
     base = RhythmConfig.from_dict(run["config"])
-    key = dict(config=run["config"], ids=[r["id"] for r in records], started=run.get("started"))
+    key = dict(config=run["config"], ids=[r["id"] for r in records], started=run.get("started"),
+               receivers="within each range")
     cached = io.read_json(cache_path) if cache_path.exists() else {}
     if cached.get("key") != key:
         cached = dict(key=key, ranges={})
@@ -155,12 +158,12 @@ def layer_range_tables(args, run: dict, records: list[dict], middle: dict, load)
     for name in RANGES:
         if name in cached["ranges"]:
             continue
-        if base.layers == name:
+        if base.layers == name and base.receiver_layers == "sampled":
             cached["ranges"][name] = dict(layers=run["layers"], table=middle, source="couplings.json")
             continue
         logger.info(f"reproduce: recapturing {len(records)} responses with the {name} third of the layers")
         model, _ = load()
-        config = base.replace(layers=name)
+        config = base.replace(layers=name, receiver_layers="sampled")
         copies, head_fai, batch = [], {}, settings.get("batch_size", 8)
         for start in range(0, len(records), batch):
             chunk = records[start:start + batch]
@@ -309,7 +312,8 @@ def render_markdown(meta: dict, rows: list[dict], table2: dict, table1: dict, ra
               f"`{json.dumps(t['settings'])}`; {_num(t.get('seconds_per_problem'))} s per problem.",
               "", "## v2 Table 10: couplings by layer range", "",
               "The paper's Table 10 values are not restated in docs/method.md; each range is judged on the sign "
-              "of its lift.", "", "| layers | " + " | ".join(PAPER_TABLE2[c]["label"] for c in COUPLINGS) + " |",
+              "of its lift. Within a range every head comes from its layers, receiver heads included (Table 2 "
+              "above ranks receiver heads over every layer), so the middle row can differ from Table 2.", "", "| layers | " + " | ".join(PAPER_TABLE2[c]["label"] for c in COUPLINGS) + " |",
               "|---|" + "---|" * len(COUPLINGS)]
     for name in RANGES:
         entry = ranges.get(name, {})
