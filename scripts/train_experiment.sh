@@ -11,7 +11,8 @@
 # docs/training.md); every size below is an environment variable.  A killed comparison resumes
 # where it stopped: finished runs (with eval.json) are skipped, an unfinished one starts again.
 #
-#   OUT=runs/experiment  TASK=countdown-easy (evaluation)  TRAIN_TASK=$TASK (GRPO; e.g. countdown-easy-dense)
+#   OUT=runs/experiment  TASK=countdown-pairs (warm start and evaluation; countdown-easy is harder)
+#   TRAIN_TASK=$TASK (GRPO; e.g. countdown-easy-dense)
 #   MODEL=smollm2-135m  CREDITS="none random entropy local global coupled"
 #   SEEDS="0"  STEPS=<preset>  SFT_STEPS=30  EVAL_N=256  THREADS=2  EXTRA="" (more train flags)
 set -euo pipefail
@@ -21,7 +22,7 @@ PY=$(bash scripts/python.sh)
 export PATH="$(dirname "$PY"):$PATH"
 
 OUT=${OUT:-runs/experiment}
-TASK=${TASK:-countdown-easy}
+TASK=${TASK:-countdown-pairs}
 TRAIN_TASK=${TRAIN_TASK:-$TASK}
 MODEL=${MODEL:-smollm2-135m}
 CREDITS=${CREDITS:-"none random entropy local global coupled"}

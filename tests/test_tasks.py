@@ -21,6 +21,7 @@ from attnrhythm.tasks import (
     solve_countdown,
 )
 from attnrhythm.tasks.choice import choice_prompt, extract_choice_letter, load_choice_jsonl
+from attnrhythm.errors import UserError
 from attnrhythm.tasks.countdown import EASY
 from attnrhythm.tasks.safe_eval import InvalidExpression, evaluate, numbers_in, try_evaluate
 
@@ -141,6 +142,22 @@ def test_generated_instances_are_solved_and_scored():
 def test_easy_setting():
     for inst in generate_countdown(100, seed=0, **EASY):
         assert len(inst.numbers) == 3 and max(inst.numbers) <= 20 and 1 <= inst.target <= 100
+
+
+def test_pairs_setting_holds_the_held_out_set_it_is_evaluated_on():
+    """countdown-pairs: two numbers up to 50, targets 1..100, solvable, disjoint splits, and the
+    whole test space (298 instances) leaves room for the 256 held-out problems eval draws."""
+    task = get_task("countdown-pairs")
+    test, train = task.load("test", 256, 0), task.load("train", 2000, 1234)
+    key = lambda row: (tuple(sorted(row["numbers"])), row["target"])  # noqa: E731
+    assert len({key(r) for r in test}) == 256 and not {key(r) for r in test} & {key(r) for r in train}
+    for row in test[:50] + train[:50]:
+        assert len(row["numbers"]) == 2 and max(row["numbers"]) <= 50 and 1 <= row["target"] <= 100
+        expr = solve_countdown(row["numbers"], row["target"])
+        assert task.score(f"<answer>{expr}</answer>", row) == 1.0
+    with pytest.raises(UserError, match="could only generate 298 of 400"):
+        task.load("test", 400, 0)
+    assert get_task("countdown-pairs-dense").score("<answer>1 + 2</answer>", dict(numbers=[1, 2], target=4)) > 0.1
 
 
 def test_solver():
