@@ -21,7 +21,14 @@ decodes as it would alone.  Sampling is plain temperature sampling (no top-k/top
 the model's generation_config says: the paper states only T).  **Each row draws from its own
 ``torch.Generator``** seeded by ``row_seed(seed, key)`` (key: the problem id), so a response
 depends on the seed and the problem alone, not on the batch size or on the rows beside it, and
-the global RNG is never touched.  A row ends after its first stop token.
+the global RNG is never touched.  A row ends after its first stop token, or once its text
+contains a stop string (``StopStrings``; then it is cut before the string).
+
+Stop strings (**Decision**): with the paper's plain prompt (``"paper"``, for base models) a
+response ends where the model starts a new ``Question:``, ``Context:`` or ``System:`` line
+(``PAPER_STOP_STRINGS``): a base model that has answered goes on inventing further question and
+answer pairs (Gemma-3-270M did on 8 of 8 GSM8K problems), which would otherwise be analysed as part
+of its reasoning.  Chat prompts end at the template's end-of-turn token and need none.
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ from attnrhythm.data import Problem, chat_messages, paper_prompt
 from attnrhythm.errors import UserError, unknown_name
 
 PROMPT_STYLES = ("auto", "paper", "chat")
+PAPER_STOP_STRINGS = ("\nQuestion:", "\nContext:", "\nSystem:")
 _INSTRUCT_NAME = re.compile(r"instruct|chat|-it\b", re.IGNORECASE)
 _INSTRUCT_EMBEDDED = {"smollm2-135m"}
 
@@ -100,6 +108,43 @@ def stop_token_ids(model, tokenizer) -> set[int]:
         if value is not None:
             ids.update([value] if isinstance(value, int) else value)
     return ids
+
+
+class StopStrings:
+    """Strings that end a response: ``hit`` tells whether a row's tokens now contain one (decoding
+    only their tail), ``cut`` drops the tokens from the first one on."""
+
+    def __init__(self, tokenizer, strings: tuple[str, ...]):
+        if any(not x for x in strings):
+            raise UserError("stop strings must not be empty")
+        self.tokenizer, self.strings = tokenizer, tuple(strings)
+        self.tail = max(len(x) for x in strings) + 8 if strings else 0  # tokens: each is at least one character
+
+    def __bool__(self) -> bool:
+        return bool(self.strings)
+
+    def _text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def hit(self, tokens: list[int]) -> bool:
+        text = self._text(tokens[-self.tail:])
+        return any(x in text for x in self.strings)
+
+    def cut(self, tokens: list[int]) -> tuple[list[int], bool]:
+        """(the tokens whose text lies before the first stop string, whether one was found)."""
+        text = self._text(tokens)
+        found = [text.find(x) for x in self.strings if x in text]
+        if not found:
+            return tokens, False
+        end, n = min(found), len(tokens)
+        while n > 0 and len(self._text(tokens[:n])) > end:
+            n -= 1
+        return tokens[:n], True
+
+
+def stop_strings_for(style: str, tokenizer) -> StopStrings:
+    """The stop strings of a prompt style (see the module docstring)."""
+    return StopStrings(tokenizer, PAPER_STOP_STRINGS if style == "paper" else ())
 
 
 def strip_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
@@ -185,14 +230,16 @@ def sampler(temperature: float, seeds: list[int], device) -> Callable[[Tensor, l
 
 @torch.no_grad()
 def decode(model, cache, visible: Tensor, first: Tensor, budgets: list[int], stop_ids: set[int],
-           pick=greedy_pick, on_tokens: Callable[[int], None] | None = None) -> list[list[int]]:
+           pick=greedy_pick, on_tokens: Callable[[int], None] | None = None,
+           stop_strings: StopStrings | None = None) -> list[list[int]]:
     """Continuations of B rows over one cached context.
 
     cache: KV cache of the context with batch B (rows may be copies of one sequence); visible:
     [B, S] bool, the cache slots row b attends to (its prefix); first: [B] the token fed after
     the prefix (the prompt's last token, or a forced one); budgets: at most this many new tokens
     per row; pick(logits [b, V], original row indices) -> [b] tokens.  A row ends after a stop
-    token (kept in its output).  ``on_tokens(n)`` is told every token generated (progress).
+    token (kept in its output) or once it contains one of ``stop_strings`` (kept too: callers
+    cut with ``StopStrings.cut``).  ``on_tokens(n)`` is told every token generated (progress).
     Returns each row's new tokens, ``first`` excluded.
     """
     keyword = _cache_keyword(model)
@@ -214,7 +261,7 @@ def decode(model, cache, visible: Tensor, first: Tensor, budgets: list[int], sto
         keep = []
         for j, b in enumerate(rows):
             out[b].append(int(tokens[j]))
-            if out[b][-1] not in stop_ids and len(out[b]) < budgets[b]:
+            if out[b][-1] not in stop_ids and len(out[b]) < budgets[b] and not (stop_strings and stop_strings.hit(out[b])):
                 keep.append(j)
         if on_tokens is not None:
             on_tokens(len(rows))
@@ -229,7 +276,8 @@ def decode(model, cache, visible: Tensor, first: Tensor, budgets: list[int], sto
 
 def generate(model, prompts: list[list[int]], budgets: list[int], stop_ids: set[int], *,
              temperature: float = 0.0, seeds: list[int] | None = None,
-             on_tokens: Callable[[int], None] | None = None) -> list[list[int]]:
+             on_tokens: Callable[[int], None] | None = None,
+             stop_strings: StopStrings | None = None) -> list[list[int]]:
     """New tokens for several prompts in one left-padded batch (a final stop token is kept).
 
     All of a prompt but its last token is prefilled; the last token is fed first, so every row
@@ -258,14 +306,17 @@ def generate(model, prompts: list[list[int]], budgets: list[int], stop_ids: set[
             cache = _appending(DynamicCache(config=model.config))
         first = torch.tensor([p[-1] for p in prompts], device=device)
         pick = sampler(temperature, seeds if seeds is not None else [0] * len(prompts), device)
-        return decode(model, cache, mask.bool(), first, budgets, stop_ids, pick, on_tokens)
+        return decode(model, cache, mask.bool(), first, budgets, stop_ids, pick, on_tokens, stop_strings)
     finally:
         model.train(was_training)
 
 
-def greedy_responses(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int]) -> list[list[int]]:
-    """Greedy responses to several prompts (a trailing stop token is kept when a row stopped)."""
-    return generate(model, prompts, [max_new_tokens] * len(prompts), stop_ids)
+def greedy_responses(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int],
+                     stop_strings: StopStrings | None = None) -> list[list[int]]:
+    """Greedy responses to several prompts (a trailing stop token is kept when a row stopped; a
+    row that reached a stop string is cut before it)."""
+    rows = generate(model, prompts, [max_new_tokens] * len(prompts), stop_ids, stop_strings=stop_strings)
+    return [stop_strings.cut(r)[0] for r in rows] if stop_strings else rows
 
 
 @dataclass
@@ -273,18 +324,25 @@ class Sampled:
     """One sampled response: token ids without the final end-of-sequence token."""
 
     token_ids: list[int]
-    finish_reason: str  # "eos" or "length"
+    finish_reason: str  # "eos", "stop" (a stop string; cut before it) or "length"
 
 
 def sample_responses(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int | list[int] = 384,
                      temperature: float = 0.7, seeds: list[int] | None = None,
-                     on_tokens: Callable[[int], None] | None = None) -> list[Sampled]:
+                     on_tokens: Callable[[int], None] | None = None,
+                     stop_strings: StopStrings | None = None) -> list[Sampled]:
     """One response per prompt (``temperature`` <= 0: greedy), each cut before its first stop
-    token; ``max_new_tokens`` is one budget or one per prompt; ``seeds`` one per prompt."""
+    token or stop string; ``max_new_tokens`` is one budget or one per prompt; ``seeds`` one per
+    prompt."""
     stops = stop_token_ids(model, tokenizer)
     budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompt_ids)
-    rows = generate(model, prompt_ids, budgets, stops, temperature=temperature, seeds=seeds, on_tokens=on_tokens)
-    return [Sampled(strip_stop(r, stops), "eos" if r and r[-1] in stops else "length") for r in rows]
+    rows = generate(model, prompt_ids, budgets, stops, temperature=temperature, seeds=seeds, on_tokens=on_tokens,
+                    stop_strings=stop_strings)
+    out = []
+    for r in rows:
+        cut, hit = stop_strings.cut(r) if stop_strings else (r, False)
+        out.append(Sampled(cut, "stop") if hit else Sampled(strip_stop(r, stops), "eos" if r and r[-1] in stops else "length"))
+    return out
 
 
 def token_strings(tokenizer, ids: list[int]) -> list[str]:

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from attnrhythm.studies import perturb
-from attnrhythm.generation import greedy_responses, strip_stop
+from attnrhythm.errors import UserError
+from attnrhythm.generation import (PAPER_STOP_STRINGS, StopStrings, greedy_responses, sample_responses, stop_strings_for,
+                                   strip_stop)
 from attnrhythm.studies.perturb import alternatives, perturb_response, select_positions, summarize
 from attnrhythm.core.textstats import bootstrap_ci, content_jaccard, content_words, jaccard, word_tokens
 
@@ -206,3 +208,49 @@ def test_run_resume_and_html(tmp_path, tiny_smol, smol_tokenizer):
     page = (out / "perturbation.html").read_text()
     assert "<b>1</b>" not in page and "&lt;b&gt;1&lt;/b&gt;" in page and "&amp; why" in page
     assert page.count("<tr>") == 2 + len(trials)
+
+
+def test_stop_strings_end_responses_and_continuations_where_the_text_first_shows_them(tiny_smol, smol_tokenizer):
+    """A response ends once its text contains a stop string and is cut just before it: the result
+    is the unstopped response's longest prefix whose text stops short of the string, for greedy
+    originals, sampled responses and forced continuations alike."""
+    stops = {smol_tokenizer.eos_token_id}
+    text = lambda ids: smol_tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    prompt = smol_tokenizer("Question: Mia buys 4 pens at $2 each. How much does she pay?\nAnswer:")["input_ids"]
+    full = greedy_responses(tiny_smol, [prompt], 40, stops)[0]
+    full_text = text(full)
+    stop = full_text[len(full_text) // 2:len(full_text) // 2 + 3]
+    assert stop.strip() and full_text.find(stop) > 0
+    rule = StopStrings(smol_tokenizer, (stop,))
+
+    def expected(tokens):
+        end = text(tokens).find(stop)
+        if end < 0:
+            return tokens
+        n = max(n for n in range(len(tokens) + 1) if len(text(tokens[:n])) <= end)
+        return tokens[:n]
+
+    got = greedy_responses(tiny_smol, [prompt], 40, stops, rule)[0]
+    assert got == expected(full) and len(got) < len(full) and stop not in text(got)
+    assert text(full).startswith(text(got)) and stop in text(full)[:len(text(got)) + 40]
+    sampled = sample_responses(tiny_smol, smol_tokenizer, [prompt], max_new_tokens=40, temperature=0.0,
+                               stop_strings=rule)[0]
+    assert sampled.token_ids == got and sampled.finish_reason == "stop"
+    assert rule.cut(got) == (got, False)
+
+    response = strip_stop(full, stops)
+    plain = perturb_response(tiny_smol, smol_tokenizer, prompt, response, k=2, n_alternatives=2, max_new_tokens=40,
+                             min_after=0)[1]
+    longest = text(max((t["perturbed_token_ids"] for t in plain), key=len))
+    stop = longest[len(longest) // 2:len(longest) // 2 + 3]  # this continuation at least must be cut
+    rule = StopStrings(smol_tokenizer, (stop,))
+    ruled = perturb_response(tiny_smol, smol_tokenizer, prompt, response, k=2, n_alternatives=2, max_new_tokens=40,
+                             min_after=0, stop_strings=rule)[1]
+    assert [t["forced_token_id"] for t in plain] == [t["forced_token_id"] for t in ruled]
+    assert any(len(r["perturbed_token_ids"]) < len(p["perturbed_token_ids"]) for p, r in zip(plain, ruled))
+    for p, r in zip(plain, ruled):
+        assert r["perturbed_token_ids"] == expected(p["perturbed_token_ids"])
+    with pytest.raises(UserError, match="empty"):
+        StopStrings(smol_tokenizer, ("",))
+    assert stop_strings_for("paper", smol_tokenizer).strings == PAPER_STOP_STRINGS
+    assert not stop_strings_for("chat", smol_tokenizer)

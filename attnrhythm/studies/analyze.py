@@ -50,7 +50,7 @@ from attnrhythm.data import Problem, ProblemSettings
 from attnrhythm.io import option
 from attnrhythm.errors import UserError
 from attnrhythm.generation import (PROMPT_STYLES, check_prompt_fits, encode_prompt, problem_prompt, prompt_text,
-                                   resolve_prompt_style, row_seed, sample_responses, token_strings)
+                                   resolve_prompt_style, row_seed, sample_responses, stop_strings_for, token_strings)
 from attnrhythm.studies.report import machine_info, write_report
 
 logger = log.get_logger(__name__)
@@ -202,6 +202,7 @@ def analyze(model, tokenizer, problems: list[Problem], config: RhythmConfig = AN
     if problems:
         check_backend_memory(model, backend, min(batch_size, len(problems)),
                              max(len(p) + b for p, b in zip(prompt_ids, budgets)))
+    stop_strings = stop_strings_for(style, tokenizer)
     # one step per generated token; a response that stops early skips the rest of its budget
     bar = tqdm(total=sum(budgets), unit="tok", desc="analyze", disable=not progress)
     try:
@@ -209,9 +210,10 @@ def analyze(model, tokenizer, problems: list[Problem], config: RhythmConfig = AN
             chunk = list(range(start, min(len(problems), start + batch_size)))
             sampled = sample_responses(model, tokenizer, [prompt_ids[i] for i in chunk],
                                        max_new_tokens=[budgets[i] for i in chunk], temperature=temperature,
-                                       seeds=[row_seed(seed, ids[i]) for i in chunk], on_tokens=bar.update)
-            bar.update(sum(budgets[i] for i in chunk) - sum(len(s.token_ids) + (s.finish_reason == "eos")
-                                                          for s in sampled))
+                                       seeds=[row_seed(seed, ids[i]) for i in chunk], on_tokens=bar.update,
+                                       stop_strings=stop_strings)
+            bar.update(max(0, sum(budgets[i] for i in chunk) - sum(len(s.token_ids) + (s.finish_reason != "length")
+                                                                   for s in sampled)))
             metrics = capture_records(model, [prompt_ids[i] for i in chunk], [s.token_ids for s in sampled],
                                       config, backend)
             for i, s, m in zip(chunk, sampled, metrics):

@@ -67,7 +67,7 @@ def choose_figure_record(records: list[dict], problem_id: str | None = None) -> 
     live = [r for r in records if r["response_token_ids"]]
     if not live:
         return None
-    complete = [r for r in live if r.get("finish_reason") == "eos"
+    complete = [r for r in live if r.get("finish_reason") in ("eos", "stop")
                 and len(r["response_token_ids"]) >= MIN_FIGURE_TOKENS] or live
     return max(complete, key=lambda r: len(r["response_token_ids"]))
 

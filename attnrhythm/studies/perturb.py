@@ -30,7 +30,8 @@ from attnrhythm.core.textstats import bootstrap_ci, content_jaccard
 from attnrhythm.data import ProblemSettings
 from attnrhythm.errors import UserError
 from attnrhythm.generation import (PROMPT_STYLES, check_prompt_fits, decode, encode_prompt, greedy_responses, prefill,
-                                   problem_prompt, resolve_prompt_style, stop_token_ids, strip_stop)
+                                   problem_prompt, resolve_prompt_style, stop_strings_for, stop_token_ids, strip_stop,
+                                   StopStrings)
 from attnrhythm.studies.report import machine_info
 
 logger = log.get_logger(__name__)
@@ -85,13 +86,15 @@ def response_fai(model, prompt_ids: list[int], response_ids: list[int], config: 
 
 def perturb_response(model, tokenizer, prompt_ids: list[int], response: list[int], *, k: int = 3,
                      n_alternatives: int = 3, max_new_tokens: int = 256, min_after: int = 10,
-                     config: RhythmConfig | None = None) -> tuple[dict, list[dict]]:
+                     config: RhythmConfig | None = None,
+                     stop_strings: StopStrings | None = None) -> tuple[dict, list[dict]]:
     """The protocol for one greedy ``response`` (its stop token stripped): (problem, trials).
 
     ``min_after`` (*Decision*): positions followed by fewer original tokens are not perturbed.
     With the horizon running to the end, the FAI of the last positions averages one or two rows
     and their continuations are a few tokens long, so they would crowd both groups with Jaccard
-    values of 0 or 1 that say nothing about the reasoning.  0 is the literal protocol."""
+    values of 0 or 1 that say nothing about the reasoning.  0 is the literal protocol.
+    ``stop_strings`` end the forced continuations as they ended the original (base-model prompts)."""
     config = config or RhythmConfig(fai_horizon=ANALYSIS_HORIZON)
     stops = stop_token_ids(model, tokenizer)
     device = next(model.parameters()).device
@@ -124,7 +127,10 @@ def perturb_response(model, tokenizer, prompt_ids: list[int], response: list[int
         first = torch.tensor([r[3] for r in rows], device=device)
         # the original's budget: the perturbed response stays within max_new_tokens too
         budgets = [max_new_tokens - r[2] - 1 for r in rows]
-        for (group, rank, i, token, a, prob), cont in zip(rows, decode(model, cache, visible, first, budgets, stops)):
+        continuations = decode(model, cache, visible, first, budgets, stops, stop_strings=stop_strings)
+        for (group, rank, i, token, a, prob), cont in zip(rows, continuations):
+            if stop_strings:
+                cont = stop_strings.cut(cont)[0]
             original_text, perturbed_text = text(response[i + 1:]), text(strip_stop(cont, stops))
             trials.append(dict(
                 group=group, rank=rank, position=i, fai=float(fai[i]),
@@ -330,19 +336,21 @@ def run_perturbation(settings: PerturbSettings, model=None, tokenizer=None) -> d
     config = RhythmConfig(fai_horizon=ANALYSIS_HORIZON, layers=parse_layers(settings.layers))
     style = resolve_prompt_style(settings.prompt, tokenizer, settings.model) if problems else None
     stops = stop_token_ids(model, tokenizer) if problems else set()
+    stop_strings = stop_strings_for(style, tokenizer) if problems else None
     logger.info(f"perturb: {len(done)} problems already done, {len(problems)} to go -> {out}")
     for start in range(0, len(problems), settings.batch_size):
         chunk = problems[start:start + settings.batch_size]
         started = time.perf_counter()
         prompts = [encode_prompt(tokenizer, problem_prompt(p, style)) for p in chunk]
         budget = min(check_prompt_fits(model, ids, settings.max_new_tokens, p.id) for ids, p in zip(prompts, chunk))
-        responses = [strip_stop(r, stops) for r in greedy_responses(model, prompts, budget, stops)]
+        responses = [strip_stop(r, stops) for r in greedy_responses(model, prompts, budget, stops, stop_strings)]
         shared = (time.perf_counter() - started) / len(chunk)  # the batched originals, split evenly
         for n, (problem, prompt_ids, response) in enumerate(zip(chunk, prompts, responses), start + 1):
             started = time.perf_counter()
             record, trials = perturb_response(model, tokenizer, prompt_ids, response, k=settings.k,
                                               n_alternatives=settings.alternatives, max_new_tokens=budget,
-                                              min_after=settings.min_after, config=config)
+                                              min_after=settings.min_after, config=config,
+                                              stop_strings=stop_strings)
             ids = dict(problem_id=problem.id)
             record = dict(type="problem", **ids, question=problem.question, gold=problem.gold, prompt_style=style,
                           **record, seconds=round(shared + time.perf_counter() - started, 3))
