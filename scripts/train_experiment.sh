@@ -14,7 +14,9 @@
 #   OUT=runs/experiment  TASK=countdown-pairs (warm start and evaluation; countdown-easy is harder)
 #   TRAIN_TASK=$TASK (GRPO; e.g. countdown-easy-dense)
 #   MODEL=smollm2-135m  CREDITS="none random entropy local global coupled"
-#   SEEDS="0"  STEPS=<preset>  SFT_STEPS=30  EVAL_N=256  THREADS=2  EXTRA="" (more train flags)
+#   SEEDS="0"  STEPS=<preset>  SFT_STEPS=30  EVAL_N=256  EXTRA="" (more train flags)
+#   JOBS=1 (runs trained side by side; on a 2-core CPU, JOBS=2 with one thread each halves the wall
+#   time)  THREADS=<cores / JOBS> (torch threads per run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ -z ${PYTHON:-} ]]; then bash scripts/setup.sh; fi  # installs into .venv once (see setup.sh)
@@ -29,7 +31,8 @@ CREDITS=${CREDITS:-"none random entropy local global coupled"}
 SEEDS=${SEEDS:-0}
 SFT_STEPS=${SFT_STEPS:-30}
 EVAL_N=${EVAL_N:-256}
-THREADS=${THREADS:-2}
+JOBS=${JOBS:-1}
+THREADS=${THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
 EXTRA=${EXTRA:-}
 if [[ -z ${PRESET:-} ]]; then
   PRESET=$("$PY" -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')")
@@ -56,21 +59,31 @@ evaluate() {  # evaluate MODEL_DIR
 }
 evaluate "$OUT/warm"
 
+train_one() {  # train_one CREDIT SEED: train from the warm start, then evaluate; output to RUN.log
+  local run=$OUT/$1-s$2
+  rm -rf "${run:?}"
+  echo "[$(stamp)] train credit=$1 seed=$2 -> $run (log: $run.log)"
+  # shellcheck disable=SC2086
+  attnrhythm train --preset "$PRESET" --model "$OUT/warm" --task "$TRAIN_TASK" --credit "$1" --seed "$2" \
+    --save-steps 0 $STEPS_FLAG $EXTRA --out "$run" > "$run.log" 2>&1 || { echo "[$(stamp)] FAILED: $run (see $run.log)"; return 1; }
+  rm -rf "${run:?}"/checkpoint-*   # optimizer state is large; the final model is in the folder
+  evaluate "$run" >> "$run.log" 2>&1
+  echo "[$(stamp)] finished $run"
+}
+
 runs=()
+failed=0
 for seed in $SEEDS; do
   for credit in $CREDITS; do
     run=$OUT/$credit-s$seed
     runs+=("$run")
     [[ -f $run/eval.json ]] && continue
-    rm -rf "${run:?}"
-    echo "[$(stamp)] train credit=$credit seed=$seed -> $run"
-    # shellcheck disable=SC2086
-    attnrhythm train --preset "$PRESET" --model "$OUT/warm" --task "$TRAIN_TASK" --credit "$credit" --seed "$seed" \
-      --save-steps 0 $STEPS_FLAG $EXTRA --out "$run"
-    rm -rf "${run:?}"/checkpoint-*   # optimizer state is large; the final model is in the folder
-    evaluate "$run"
+    while (( $(jobs -rp | wc -l) >= JOBS )); do wait -n || failed=1; done
+    train_one "$credit" "$seed" &
   done
 done
+while (( $(jobs -rp | wc -l) > 0 )); do wait -n || failed=1; done
+if (( failed )); then echo "[$(stamp)] a run failed; rerun this command to retry it (finished runs are kept)"; exit 1; fi
 
 echo "[$(stamp)] results"
 DEVICE=$("$PY" -c "import os, platform, torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU {platform.machine()}, {os.cpu_count()} cores')")
