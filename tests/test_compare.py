@@ -72,5 +72,13 @@ def test_compare_writes_results_with_seeds_pooled(tmp_path):
     pooled = paired_gain(json.loads(start.read_text()), [json.loads((tmp_path / f"none-s{s}" / "eval.json").read_text())
                                                         for s in (0, 1)])
     assert f"{100 * pooled['gain']:+.1f} [{100 * pooled['ci_low']:+.1f}, {100 * pooled['ci_high']:+.1f}]" in none_row
-    assert next(line for line in table.splitlines() if "| coupled |" in line).endswith("|  |")  # one seed: no pooled cell
+    coupled_row = next(line for line in table.splitlines() if "| coupled |" in line)
+    none_ends = [json.loads((tmp_path / f"none-s{s}" / "eval.json").read_text()) for s in (0, 1)]
+    versus = paired_gain(none_ends, json.loads((tmp_path / "coupled-s0" / "eval.json").read_text()))
+    x = np.mean([[p["scores"][0] >= 1 for p in e["problems"]] for e in none_ends], 0)
+    y = np.array([p["scores"][0] >= 1 for p in json.loads((tmp_path / "coupled-s0" / "eval.json").read_text())["problems"]])
+    assert versus["gain"] == pytest.approx((y - x).mean())
+    # one seed: no pooled cell; the difference from none's seed-averaged end
+    assert coupled_row.endswith(f"|  | {100 * versus['gain']:+.1f} [{100 * versus['ci_low']:+.1f}, {100 * versus['ci_high']:+.1f}] |")
+    assert none_row.endswith("|  |")
     assert main(["compare", "--start", str(tmp_path / "missing.json"), *runs]) == 2

@@ -35,21 +35,23 @@ def correct_by_problem(evaluation: dict) -> dict[str, float]:
     return {problem_key(p): sum(s >= 1.0 for s in p["scores"]) / len(p["scores"]) for p in evaluation["problems"]}
 
 
-def paired_gain(start: dict, end: dict | list[dict], n_boot: int = 10_000, seed: int = 0, level: float = 0.95) -> dict:
+def paired_gain(start: dict | list[dict], end: dict | list[dict], n_boot: int = 10_000, seed: int = 0,
+                level: float = 0.95) -> dict:
     """Accuracy of two evaluations on the same problems, their difference and its bootstrap interval.
 
     ``start`` and ``end`` are eval.json dicts; they must hold the same problems (a comparison of
-    different problem sets is refused rather than silently mismatched).  ``end`` may be a list
-    (one credit's runs with different seeds): each problem's end score is then the mean over them,
-    and the interval, still over problems, is that of the seed-averaged gain."""
-    a = correct_by_problem(start)
+    different problem sets is refused rather than silently mismatched).  Either may be a list
+    (one credit's runs with different seeds): each problem's score is then the mean over them,
+    and the interval, still over problems, is that of the seed-averaged difference."""
+    starts = [correct_by_problem(e) for e in (start if isinstance(start, list) else [start])]
     ends = [correct_by_problem(e) for e in (end if isinstance(end, list) else [end])]
-    for b in ends:
+    a = starts[0]
+    for b in starts[1:] + ends:
         if set(a) != set(b):
             raise UserError(f"the two evaluations hold different problems ({len(set(a) ^ set(b))} differ): "
                             "evaluate both with the same --task, --n and --seed")
     keys = sorted(a)
-    x = np.array([a[k] for k in keys])
+    x = np.array([[b[k] for k in keys] for b in starts]).mean(0)
     y = np.array([[b[k] for k in keys] for b in ends]).mean(0)
     diff = y - x
     rng = np.random.default_rng(seed)
@@ -84,23 +86,23 @@ def recipe(entry: dict) -> tuple:
     return entry.get("task", ""), entry.get("learning_rate", ""), entry["credit"]
 
 
-def table(entries: list[dict], pooled: dict[tuple, dict] | None = None) -> str:
+def table(entries: list[dict], pooled: dict[tuple, dict] | None = None, versus: dict[tuple, dict] | None = None) -> str:
     """Markdown: one row per recipe (training task, learning rate) and credit (seeds averaged),
-    the gain with its interval per seed, and (``pooled``, from :func:`pooled_gains`) the
-    seed-averaged gain with its interval."""
+    the gain with its interval per seed, (``pooled``, from :func:`pooled_gains`) the
+    seed-averaged gain with its interval and (``versus``) the difference from plain GRPO."""
     by_credit: dict[tuple, list[dict]] = {}
     for e in entries:
         by_credit.setdefault(recipe(e), []).append(e)
-    pooled = pooled or {}
+    pooled, versus = pooled or {}, versus or {}
+    cell = lambda g: f"{100 * g['gain']:+.1f} [{100 * g['ci_low']:+.1f}, {100 * g['ci_high']:+.1f}]" if g else ""  # noqa: E731
     lines = ["| training task | lr | credit | seeds | pass@1 start | pass@1 end | gain (95% paired CI per seed) "
-             "| gain over seeds (95% CI) |", "|---|---|---|---|---|---|---|---|"]
+             "| gain over seeds (95% CI) | end minus `none`'s end (95% CI) |", "|---|---|---|---|---|---|---|---|---|"]
     for key, runs in by_credit.items():
         task, lr, credit = key
         gains = "; ".join(f"{100 * r['gain']:+.1f} [{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}]" for r in runs)
-        both = pooled.get(key)
-        over = f"{100 * both['gain']:+.1f} [{100 * both['ci_low']:+.1f}, {100 * both['ci_high']:+.1f}]" if both else ""
         lines.append(f"| {task} | {lr:g} | {credit} | {len(runs)} | {100 * statistics.mean(r['pass1_start'] for r in runs):.1f}% "
-                     f"| {100 * statistics.mean(r['pass1_end'] for r in runs):.1f}% | {gains} | {over} |")
+                     f"| {100 * statistics.mean(r['pass1_end'] for r in runs):.1f}% | {gains} | {cell(pooled.get(key))} "
+                     f"| {cell(versus.get(key))} |")
     n = {e["n_test"] for e in entries}
     lines.append(f"\npass@1 is greedy, on {', '.join(map(str, sorted(n)))} held-out test problems; the interval is a "
                  "95% percentile bootstrap over problems of the paired difference (end - start).")
@@ -127,18 +129,22 @@ def command(settings: CompareSettings, command_line: str | None = None) -> int:
         raise MissingInput(f"--start {settings.start or '(not given)'}: no such eval.json")
     start = io.read_json(settings.start)
     entries = [run_entry(r, start, settings.device, settings.run_command) for r in settings.runs]
-    pooled = pooled_gains(start, settings.runs, entries)
+    pooled, versus = pooled_gains(start, settings.runs, entries)
+    text = table(entries, pooled, versus)
     os.makedirs(settings.out, exist_ok=True)
     io.write_json(os.path.join(settings.out, "results.json"), entries)
-    io.write_text(os.path.join(settings.out, "results.md"), table(entries, pooled))
-    log.emit(table(entries, pooled) + f"wrote {settings.out}/results.json and results.md")
+    io.write_text(os.path.join(settings.out, "results.md"), text)
+    log.emit(text + f"wrote {settings.out}/results.json and results.md")
     return 0
 
 
-def pooled_gains(start: dict, runs: list[str], entries: list[dict]) -> dict[tuple, dict]:
-    """{recipe: paired_gain over its seeds} for every recipe with more than one run."""
-    groups: dict[tuple, list[str]] = {}
+def pooled_gains(start: dict, runs: list[str], entries: list[dict]) -> tuple[dict[tuple, dict], dict[tuple, dict]]:
+    """({recipe: paired_gain over its seeds} for every recipe with more than one run,
+    {recipe: its seed-averaged end minus the same task and lr's ``none`` end}, paired by problem)."""
+    groups: dict[tuple, list[dict]] = {}
     for run, entry in zip(runs, entries):
-        groups.setdefault(recipe(entry), []).append(run)
-    return {key: paired_gain(start, [io.read_json(os.path.join(r, "eval.json")) for r in folders])
-            for key, folders in groups.items() if len(folders) > 1}
+        groups.setdefault(recipe(entry), []).append(io.read_json(os.path.join(run, "eval.json")))
+    pooled = {key: paired_gain(start, evals) for key, evals in groups.items() if len(evals) > 1}
+    versus = {key: paired_gain(groups[key[:2] + ("none",)], evals) for key, evals in groups.items()
+              if key[2] != "none" and key[:2] + ("none",) in groups}
+    return pooled, versus
