@@ -81,4 +81,10 @@ def test_compare_writes_results_with_seeds_pooled(tmp_path):
     # one seed: no pooled cell; the difference from none's seed-averaged end
     assert coupled_row.endswith(f"|  | {100 * versus['gain']:+.1f} [{100 * versus['ci_low']:+.1f}, {100 * versus['ci_high']:+.1f}] |")
     assert none_row.endswith("|  |")
+    assert main(["compare", "--start", str(start), *runs, "--out", str(tmp_path / "vs"), "--versus", "coupled"]) == 0
+    table = (tmp_path / "vs" / "results.md").read_text()
+    assert "end minus `coupled`'s end" in table
+    back = paired_gain(json.loads((tmp_path / "coupled-s0" / "eval.json").read_text()), none_ends)
+    assert next(line for line in table.splitlines() if "| none |" in line).endswith(
+        f"| {100 * back['gain']:+.1f} [{100 * back['ci_low']:+.1f}, {100 * back['ci_high']:+.1f}] |")
     assert main(["compare", "--start", str(tmp_path / "missing.json"), *runs]) == 2

@@ -86,17 +86,19 @@ def recipe(entry: dict) -> tuple:
     return entry.get("task", ""), entry.get("learning_rate", ""), entry["credit"]
 
 
-def table(entries: list[dict], pooled: dict[tuple, dict] | None = None, versus: dict[tuple, dict] | None = None) -> str:
+def table(entries: list[dict], pooled: dict[tuple, dict] | None = None, versus: dict[tuple, dict] | None = None,
+          baseline: str = "none") -> str:
     """Markdown: one row per recipe (training task, learning rate) and credit (seeds averaged),
     the gain with its interval per seed, (``pooled``, from :func:`pooled_gains`) the
-    seed-averaged gain with its interval and (``versus``) the difference from plain GRPO."""
+    seed-averaged gain with its interval and (``versus``) the difference from the ``baseline``
+    credit (plain GRPO by default)."""
     by_credit: dict[tuple, list[dict]] = {}
     for e in entries:
         by_credit.setdefault(recipe(e), []).append(e)
     pooled, versus = pooled or {}, versus or {}
     cell = lambda g: f"{100 * g['gain']:+.1f} [{100 * g['ci_low']:+.1f}, {100 * g['ci_high']:+.1f}]" if g else ""  # noqa: E731
     lines = ["| training task | lr | credit | seeds | pass@1 start | pass@1 end | gain (95% paired CI per seed) "
-             "| gain over seeds (95% CI) | end minus `none`'s end (95% CI) |", "|---|---|---|---|---|---|---|---|---|"]
+             f"| gain over seeds (95% CI) | end minus `{baseline}`'s end (95% CI) |", "|---|---|---|---|---|---|---|---|---|"]
     for key, runs in by_credit.items():
         task, lr, credit = key
         gains = "; ".join(f"{100 * r['gain']:+.1f} [{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}]" for r in runs)
@@ -118,6 +120,7 @@ class CompareSettings:
     device: str = option("", "machine the runs used (written into each entry)")
     run_command: str = option("", "the command that produced the runs (written into each entry)")
     out: str = option("runs/compare", "folder for results.json and results.md")
+    versus: str = option("none", "the credit every other credit's end is compared with, problem by problem")
 
 
 SETTINGS = CompareSettings
@@ -129,8 +132,8 @@ def command(settings: CompareSettings, command_line: str | None = None) -> int:
         raise MissingInput(f"--start {settings.start or '(not given)'}: no such eval.json")
     start = io.read_json(settings.start)
     entries = [run_entry(r, start, settings.device, settings.run_command) for r in settings.runs]
-    pooled, versus = pooled_gains(start, settings.runs, entries)
-    text = table(entries, pooled, versus)
+    pooled, versus = pooled_gains(start, settings.runs, entries, settings.versus)
+    text = table(entries, pooled, versus, settings.versus)
     os.makedirs(settings.out, exist_ok=True)
     io.write_json(os.path.join(settings.out, "results.json"), entries)
     io.write_text(os.path.join(settings.out, "results.md"), text)
@@ -138,13 +141,15 @@ def command(settings: CompareSettings, command_line: str | None = None) -> int:
     return 0
 
 
-def pooled_gains(start: dict, runs: list[str], entries: list[dict]) -> tuple[dict[tuple, dict], dict[tuple, dict]]:
+def pooled_gains(start: dict, runs: list[str], entries: list[dict],
+                 baseline: str = "none") -> tuple[dict[tuple, dict], dict[tuple, dict]]:
     """({recipe: paired_gain over its seeds} for every recipe with more than one run,
-    {recipe: its seed-averaged end minus the same task and lr's ``none`` end}, paired by problem)."""
+    {recipe: its seed-averaged end minus the same task and lr's ``baseline`` credit's end}, paired
+    by problem)."""
     groups: dict[tuple, list[dict]] = {}
     for run, entry in zip(runs, entries):
         groups.setdefault(recipe(entry), []).append(io.read_json(os.path.join(run, "eval.json")))
     pooled = {key: paired_gain(start, evals) for key, evals in groups.items() if len(evals) > 1}
-    versus = {key: paired_gain(groups[key[:2] + ("none",)], evals) for key, evals in groups.items()
-              if key[2] != "none" and key[:2] + ("none",) in groups}
+    versus = {key: paired_gain(groups[key[:2] + (baseline,)], evals) for key, evals in groups.items()
+              if key[2] != baseline and key[:2] + (baseline,) in groups}
     return pooled, versus
