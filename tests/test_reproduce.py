@@ -2,6 +2,10 @@
 tables, and (slow) the whole command on SmolLM2, then again reusing every output."""
 import json
 import math
+import os
+import re
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +13,7 @@ from attnrhythm.studies import reproduce
 from attnrhythm.core.couplings import COUPLINGS, PAPER_TABLE2
 from attnrhythm.studies.reproduce import MIN_PROBLEMS, claims, render_markdown, verdict, write_figures
 
+ROOT = Path(__file__).resolve().parents[1]
 N = MIN_PROBLEMS  # enough problems for a verdict
 
 
@@ -116,3 +121,17 @@ def test_reproduce_end_to_end_then_reuse(tmp_path, monkeypatch, smollm2):
     assert before == ((out / "metrics.jsonl").read_text(), (out / "perturbations.jsonl").read_text())
     # another n with the same folder is refused instead of mixing studies
     assert cli.main(argv[:4] + ["3"] + argv[5:]) == 2
+
+    # published into a docs folder: every figure link of the copied report resolves there
+    docs = tmp_path / "docs"
+    subprocess.run(["bash", str(ROOT / "scripts" / "publish_reproduction.sh"), str(out), "tiny"],
+                   env={**os.environ, "DOCS": str(docs)}, check=True, timeout=60, capture_output=True)
+    published = (docs / "REPRODUCTION-tiny.md").read_text()
+    links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", published)
+    assert links and all(link.startswith("reproduction-tiny/figures/") and (docs / link).exists() for link in links)
+    assert "Outputs in this folder" not in published and "[docs/reproduction-tiny/](reproduction-tiny/)" in published
+    assert not (docs / "reproduction-tiny" / "metrics.jsonl").exists()
+    assert (docs / "reproduction-tiny" / "reproduction.json").read_text() == (out / "reproduction.json").read_text()
+    refused = subprocess.run(["bash", str(ROOT / "scripts" / "publish_reproduction.sh"), str(tmp_path / "none")],
+                             env={**os.environ, "DOCS": str(docs)}, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "reproduce --out" in refused.stderr
