@@ -88,3 +88,25 @@ def test_compare_writes_results_with_seeds_pooled(tmp_path):
     assert next(line for line in table.splitlines() if "| none |" in line).endswith(
         f"| {100 * back['gain']:+.1f} [{100 * back['ci_low']:+.1f}, {100 * back['ci_high']:+.1f}] |")
     assert main(["compare", "--start", str(tmp_path / "missing.json"), *runs]) == 2
+
+
+def test_committed_results_follow_the_schema_and_the_kept_evaluations_reproduce_them():
+    """docs/training/results.json holds the fields the README promises, and every run whose
+    evaluation is kept in docs/training/evals/ gives back its row when compared again."""
+    from pathlib import Path
+    docs = Path(__file__).resolve().parents[1] / "docs" / "training"
+    rows = json.loads((docs / "results.json").read_text())
+    for row in rows:
+        for field in ("credit", "seed", "n_test", "pass1_start", "pass1_end", "gain", "ci_low", "ci_high", "steps",
+                      "device", "command"):
+            assert field in row, (row["run"], field)
+        assert row["ci_low"] <= row["gain"] <= row["ci_high"]
+        assert row["gain"] == pytest.approx(row["pass1_end"] - row["pass1_start"])
+    start = json.loads((docs / "evals" / "warm.json").read_text())
+    kept = sorted(p for p in (docs / "evals").glob("*.json") if p.stem != "warm")
+    assert kept
+    for path in kept:
+        row = next(r for r in rows if r["run"] == path.stem and r["task"] == start["settings"]["task"])
+        again = paired_gain(start, json.loads(path.read_text()))
+        for field in ("n_test", "pass1_start", "pass1_end", "gain", "ci_low", "ci_high", "wins", "losses"):
+            assert again[field] == pytest.approx(row[field]), (path.stem, field)
