@@ -238,9 +238,9 @@ def decode(model, cache, visible: Tensor, first: Tensor, budgets: list[int], sto
     [B, S] bool, the cache slots row b attends to (its prefix); first: [B] the token fed after
     the prefix (the prompt's last token, or a forced one); budgets: at most this many new tokens
     per row; pick(logits [b, V], original row indices) -> [b] tokens.  A row ends after a stop
-    token (kept in its output) or once it contains one of ``stop_strings`` (kept too: callers
-    cut with ``StopStrings.cut``).  ``on_tokens(n)`` is told every token generated (progress).
-    Returns each row's new tokens, ``first`` excluded.
+    token (kept in its output) or once its text contains one of ``stop_strings`` (then it is cut
+    before the string, so it ends short of its budget without a stop token).  ``on_tokens(n)`` is
+    told every token generated (progress).  Returns each row's new tokens, ``first`` excluded.
     """
     keyword = _cache_keyword(model)
     mask = visible.long()
@@ -261,7 +261,11 @@ def decode(model, cache, visible: Tensor, first: Tensor, budgets: list[int], sto
         keep = []
         for j, b in enumerate(rows):
             out[b].append(int(tokens[j]))
-            if out[b][-1] not in stop_ids and len(out[b]) < budgets[b] and not (stop_strings and stop_strings.hit(out[b])):
+            if out[b][-1] in stop_ids:
+                continue
+            if stop_strings and stop_strings.hit(out[b]):
+                out[b] = stop_strings.cut(out[b])[0]
+            elif len(out[b]) < budgets[b]:
                 keep.append(j)
         if on_tokens is not None:
             on_tokens(len(rows))
@@ -315,8 +319,7 @@ def greedy_responses(model, prompts: list[list[int]], max_new_tokens: int, stop_
                      stop_strings: StopStrings | None = None) -> list[list[int]]:
     """Greedy responses to several prompts (a trailing stop token is kept when a row stopped; a
     row that reached a stop string is cut before it)."""
-    rows = generate(model, prompts, [max_new_tokens] * len(prompts), stop_ids, stop_strings=stop_strings)
-    return [stop_strings.cut(r)[0] for r in rows] if stop_strings else rows
+    return generate(model, prompts, [max_new_tokens] * len(prompts), stop_ids, stop_strings=stop_strings)
 
 
 @dataclass
@@ -338,11 +341,9 @@ def sample_responses(model, tokenizer, prompt_ids: list[list[int]], *, max_new_t
     budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompt_ids)
     rows = generate(model, prompt_ids, budgets, stops, temperature=temperature, seeds=seeds, on_tokens=on_tokens,
                     stop_strings=stop_strings)
-    out = []
-    for r in rows:
-        cut, hit = stop_strings.cut(r) if stop_strings else (r, False)
-        out.append(Sampled(cut, "stop") if hit else Sampled(strip_stop(r, stops), "eos" if r and r[-1] in stops else "length"))
-    return out
+    # decode ends a row at a stop token, at a stop string (cut, so short of its budget) or at its budget
+    return [Sampled(r[:-1], "eos") if r and r[-1] in stops else Sampled(r, "stop" if len(r) < budget else "length")
+            for r, budget in zip(rows, budgets)]
 
 
 def token_strings(tokenizer, ids: list[int]) -> list[str]:

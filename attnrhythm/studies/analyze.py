@@ -212,8 +212,7 @@ def analyze(model, tokenizer, problems: list[Problem], config: RhythmConfig = AN
                                        max_new_tokens=[budgets[i] for i in chunk], temperature=temperature,
                                        seeds=[row_seed(seed, ids[i]) for i in chunk], on_tokens=bar.update,
                                        stop_strings=stop_strings)
-            bar.update(max(0, sum(budgets[i] for i in chunk) - sum(len(s.token_ids) + (s.finish_reason != "length")
-                                                                   for s in sampled)))
+            bar.update(sum(budgets[:chunk[-1] + 1]) - bar.n)  # the chunk's unused budget
             metrics = capture_records(model, [prompt_ids[i] for i in chunk], [s.token_ids for s in sampled],
                                       config, backend)
             for i, s, m in zip(chunk, sampled, metrics):

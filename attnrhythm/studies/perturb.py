@@ -129,8 +129,6 @@ def perturb_response(model, tokenizer, prompt_ids: list[int], response: list[int
         budgets = [max_new_tokens - r[2] - 1 for r in rows]
         continuations = decode(model, cache, visible, first, budgets, stops, stop_strings=stop_strings)
         for (group, rank, i, token, a, prob), cont in zip(rows, continuations):
-            if stop_strings:
-                cont = stop_strings.cut(cont)[0]
             original_text, perturbed_text = text(response[i + 1:]), text(strip_stop(cont, stops))
             trials.append(dict(
                 group=group, rank=rank, position=i, fai=float(fai[i]),

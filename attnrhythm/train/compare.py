@@ -101,7 +101,7 @@ def table(entries: list[dict], pooled: dict[tuple, dict] | None = None, versus: 
              f"| gain over seeds (95% CI) | end minus `{baseline}`'s end (95% CI) |", "|---|---|---|---|---|---|---|---|---|"]
     for key, runs in by_credit.items():
         task, lr, credit = key
-        gains = "; ".join(f"{100 * r['gain']:+.1f} [{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}]" for r in runs)
+        gains = "; ".join(cell(r) for r in runs)
         lines.append(f"| {task} | {lr:g} | {credit} | {len(runs)} | {100 * statistics.mean(r['pass1_start'] for r in runs):.1f}% "
                      f"| {100 * statistics.mean(r['pass1_end'] for r in runs):.1f}% | {gains} | {cell(pooled.get(key))} "
                      f"| {cell(versus.get(key))} |")
