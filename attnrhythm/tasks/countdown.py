@@ -27,10 +27,13 @@ DEFAULT_TARGET_RANGE = (10, 100)
 (drawn from Stream-of-Search); configurable."""
 EASY = {"n_numbers": 3, "max_number": 20, "target_range": (1, 100)}
 """Settings small enough for a ~135M model to learn (the "countdown-easy" task)."""
-PAIRS = {"n_numbers": 2, "max_number": 50, "target_range": (1, 100)}
+PAIRS = {"n_numbers": 2, "max_number": 50, "target_range": (1, 100), "final_fraction": 0.1}
 """**Decision** (task option "countdown-pairs"): two numbers up to 50, one operation to choose.
 The smallest Countdown a ~135M model can learn from on a 2-core CPU within an hour: its warm
-start solves part of it, so most GRPO groups carry a signal (docs/training/results.md)."""
+start solves part of it, so most GRPO groups carry a signal (docs/training/results.md).  Its
+instance space (~3,000) is small, so a tenth of it (hash bucket [0.1, 0.2), taken from train) is
+the ``final`` split: a test set that no decision about the recipe has looked at; the ``test``
+split is the dev set (docs/training/results.md)."""
 VARIANTS = {"countdown": {}, "countdown-easy": EASY, "countdown-pairs": PAIRS}
 """Every generated Countdown variant by task name; "-dense" on any of them adds nearness credit."""
 MAX_SOLVER_NUMBERS = 6
@@ -52,14 +55,21 @@ class CountdownInstance:
     target: int
 
 
-def split_of(numbers: Sequence[int], target: int) -> str:
-    """'test' or 'train', a pure function of the instance (order of numbers ignored).
+SPLITS = ("train", "test", "final")
 
-    Hashing the canonical instance keeps the splits disjoint whatever seeds or sizes are used.
+
+def split_of(numbers: Sequence[int], target: int, final_fraction: float = 0.0) -> str:
+    """'test', 'final' or 'train', a pure function of the instance (order of numbers ignored).
+
+    Hashing the canonical instance keeps the splits disjoint whatever seeds or sizes are used:
+    bucket < TEST_FRACTION is test, the next ``final_fraction`` is final (none by default), the
+    rest train.
     """
     key = f"{sorted(numbers)}->{target}".encode()
     bucket = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2.0**64
-    return "test" if bucket < TEST_FRACTION else "train"
+    if bucket < TEST_FRACTION:
+        return "test"
+    return "final" if bucket < TEST_FRACTION + final_fraction else "train"
 
 
 def _random_target(numbers: list[int], rng: random.Random) -> int | None:
@@ -90,17 +100,19 @@ def generate_countdown(
     target_range: tuple[int, int] = DEFAULT_TARGET_RANGE,
     split: str = "train",
     min_number: int = 1,
+    final_fraction: float = 0.0,
 ) -> list[CountdownInstance]:
     """``n`` distinct, solvable instances of ``split``, deterministic in ``seed``.
 
     Numbers are drawn uniformly from ``min_number..max_number`` (TinyZero: 1..99); the count is
     drawn from ``n_numbers`` when it is a tuple.  The target is the result of a random
     combination (:func:`_random_target`), kept when it lies in ``target_range`` (inclusive).
-    An instance belongs to the split its hash decides (:func:`split_of`), so train and test
-    never share an instance.  Raises ValueError when the space is too small to give ``n``.
+    An instance belongs to the split its hash decides (:func:`split_of`), so train, test and
+    final never share an instance.  Raises ValueError when the space is too small to give ``n``.
     """
-    if split not in ("train", "test"):
-        raise UserError(f"split must be 'train' or 'test', not {split!r}")
+    if split not in SPLITS or (split == "final" and not final_fraction):
+        known = SPLITS if final_fraction else SPLITS[:2]
+        raise UserError(f"split must be one of {', '.join(known)} for this task, not {split!r}")
     counts = (n_numbers,) if isinstance(n_numbers, int) else tuple(n_numbers)
     lo, hi = target_range
     rng = random.Random(f"countdown:{seed}:{split}")
@@ -114,7 +126,7 @@ def generate_countdown(
         if target is None or not lo <= target <= hi:
             continue
         key = (tuple(sorted(numbers)), target)
-        if key in seen or split_of(numbers, target) != split:
+        if key in seen or split_of(numbers, target, final_fraction) != split:
             continue
         seen.add(key)
         out.append(CountdownInstance(tuple(numbers), target))

@@ -160,7 +160,8 @@ class EvalSettings:
     max_new_tokens: int = option(256, "tokens per completion at most")
     batch_size: int = option(32, "completions generated together")
     seed: int = option(0, "draws the test problems and seeds sampling")
-    split: str = option("test", "which split to draw from", choices=("test", "train"))
+    split: str = option("test", "which split to draw from (final: countdown-pairs' held-out final test set)",
+                        choices=("test", "final", "train"))
     dtype: str = option("auto", "auto (bfloat16 on a GPU, else float32), float32, bfloat16")
     device: str | None = option(None, "cuda or cpu (none: cuda when available)")
     step: int | None = option(None, "training step of this model, recorded for `plot`")

@@ -74,14 +74,15 @@ def solution_completion(numbers, target: int) -> str | None:
     return f" {', '.join(steps)}. {_fmt(value)} equals the target. </think>\n<answer> {expr} </answer>"
 
 
-def _check_train_split(row: dict) -> None:
-    # the split is a pure function of the instance (a hash); re-derive it so a test instance can
-    # never leak into the warm start, whatever the caller passed
-    if split_of(row["numbers"], row["target"]) != "train":
-        raise UserError(f"warm start got a test-split instance {row['numbers']} -> {row['target']}")
+def _check_train_split(row: dict, final_fraction: float) -> None:
+    # the split is a pure function of the instance (a hash); re-derive it so a test (or final)
+    # instance can never leak into the warm start, whatever the caller passed
+    split = split_of(row["numbers"], row["target"], final_fraction)
+    if split != "train":
+        raise UserError(f"warm start got a {split}-split instance {row['numbers']} -> {row['target']}")
 
 
-def sft_examples(rows: list[dict], tokenizer) -> list[tuple[list[int], list[int]]]:
+def sft_examples(rows: list[dict], tokenizer, final_fraction: float = 0.0) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, completion ids + eos) for every solvable train row.
 
     Prompt and completion are tokenised separately and concatenated, exactly as RL sees them:
@@ -90,7 +91,7 @@ def sft_examples(rows: list[dict], tokenizer) -> list[tuple[list[int], list[int]
     """
     out = []
     for row in rows:
-        _check_train_split(row)
+        _check_train_split(row, final_fraction)
         completion = solution_completion(row["numbers"], row["target"])
         if completion is None:
             continue
@@ -119,9 +120,9 @@ def _batch(examples, pad_id: int, device) -> dict:
 
 
 @torch.no_grad()
-def sft_loss(model, tokenizer, rows: list[dict], batch_size: int = 8) -> float:
+def sft_loss(model, tokenizer, rows: list[dict], batch_size: int = 8, final_fraction: float = 0.0) -> float:
     """Mean per-token completion loss on ``rows`` (for checking that the warm start learns)."""
-    examples = sft_examples(rows, tokenizer)
+    examples = sft_examples(rows, tokenizer, final_fraction)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -137,12 +138,13 @@ def sft_loss(model, tokenizer, rows: list[dict], batch_size: int = 8) -> float:
 
 # ----------------------------------------------------------------------------- the loop
 def warm_start(model, tokenizer, rows: list[dict], steps: int, lr: float = 1e-4, batch_size: int = 8,
-               seed: int = 0, log_every: int = 0) -> dict:
+               seed: int = 0, log_every: int = 0, final_fraction: float = 0.0) -> dict:
     """``steps`` AdamW steps of completion-only cross-entropy on solver solutions of ``rows``.
 
     ``rows`` are Countdown task rows (``prompt``, ``numbers``, ``target``) of the train split.
     The data order is a seeded shuffle, reshuffled every epoch; the model is trained in place
-    and left in eval mode.  Returns ``{"losses": [per step], "n_examples": int, "seconds": float}``.
+    and left in eval mode.  ``final_fraction`` is the variant's (VARIANTS): its final split is
+    refused like the test split.  Returns ``{"losses": [per step], "n_examples": int, "seconds": float}``.
 
     lr 1e-4 (**Decision**): on SmolLM2-135M, batch 8, the completion loss falls from 1.77 to 0.34
     in 6 steps and to ~0.1 by step 30 (format learned, arithmetic still often wrong: room for RL);
@@ -150,7 +152,7 @@ def warm_start(model, tokenizer, rows: list[dict], steps: int, lr: float = 1e-4,
     """
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    examples = sft_examples(rows, tokenizer)
+    examples = sft_examples(rows, tokenizer, final_fraction)
     torch.manual_seed(seed)
     rng = random.Random(seed)
     device = next(model.parameters()).device
@@ -211,10 +213,11 @@ def run_warm_start(settings: SftSettings) -> dict:
     models.check_model(settings.model)
     model, tokenizer = models.load_model(settings.model, dtype="float32")
     rows = task.load("train", settings.n, settings.seed)
-    before = sft_loss(model, tokenizer, rows[:32])
+    final_fraction = VARIANTS[settings.task].get("final_fraction", 0.0)
+    before = sft_loss(model, tokenizer, rows[:32], final_fraction=final_fraction)
     record = warm_start(model, tokenizer, rows, settings.steps, lr=settings.lr, batch_size=settings.batch_size,
-                        seed=settings.seed, log_every=10)
-    after = sft_loss(model, tokenizer, rows[:32])
+                        seed=settings.seed, log_every=10, final_fraction=final_fraction)
+    after = sft_loss(model, tokenizer, rows[:32], final_fraction=final_fraction)
     # save into a staging folder and rename: a half-written model folder is never picked up
     staging = settings.out.rstrip("/") + ".partial"
     model.save_pretrained(staging)
