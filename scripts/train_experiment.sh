@@ -17,6 +17,12 @@
 #   SEEDS="0"  STEPS=<preset>  SFT_STEPS=30  EVAL_N=256  EXTRA="" (more train flags)
 #   JOBS=1 (runs trained side by side; on a 2-core CPU, JOBS=2 with one thread each halves the wall
 #   time)  THREADS=<cores / JOBS> (torch threads per run)
+#   FINAL=0: 1 = score the start and every finished run once more, on the task's final split
+#   (countdown-pairs: a held-out set that no recipe decision has seen) -> RUN/eval_final.json,
+#   OUT/final/results.{json,md}; run it once, after the runs of a comparison are fixed
+#
+# Each run folder records the commit of the training code that made it (RUN/commit.txt), so a
+# comparison can show that all of its runs used the same code.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ -z ${PYTHON:-} ]]; then bash scripts/setup.sh; fi  # installs into .venv once (see setup.sh)
@@ -34,6 +40,13 @@ EVAL_N=${EVAL_N:-256}
 JOBS=${JOBS:-1}
 THREADS=${THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
 EXTRA=${EXTRA:-}
+FINAL=${FINAL:-0}
+FINAL_N=${FINAL_N:-285}
+CODE_DIR=$("$PY" -c "import attnrhythm, os; print(os.path.dirname(os.path.dirname(attnrhythm.__file__)))")
+COMMIT=$(git -C "$CODE_DIR" rev-parse HEAD 2>/dev/null || echo unknown)
+if [[ $COMMIT != unknown ]] && [[ -n $(git -C "$CODE_DIR" status --porcelain -- attnrhythm 2>/dev/null) ]]; then
+  COMMIT="$COMMIT+dirty"
+fi
 if [[ -z ${PRESET:-} ]]; then
   PRESET=$("$PY" -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')")
 fi
@@ -51,25 +64,45 @@ if [[ ! -f $OUT/warm/config.json ]]; then
     --n 2000 --seed 1234 --out "$OUT/warm"
 fi
 
-evaluate() {  # evaluate MODEL_DIR
-  [[ -f $1/eval.json ]] && return
-  echo "[$(stamp)] eval $1"
-  attnrhythm eval --model "$1" --task "$TASK" --n "$EVAL_N" --samples 1 --max-new-tokens 128 --seed 0 \
-    --out "$1/eval.json"  # written atomically: a killed eval leaves no eval.json
+evaluate() {  # evaluate MODEL_DIR [final]: the dev set (eval.json) or the final split (eval_final.json)
+  local file=$1/eval.json split=test n=$EVAL_N
+  if [[ ${2:-} == final ]]; then file=$1/eval_final.json split=final n=$FINAL_N; fi
+  [[ -f $file ]] && return
+  echo "[$(stamp)] eval $1 ($split)"
+  attnrhythm eval --model "$1" --task "$TASK" --split "$split" --n "$n" --samples 1 --max-new-tokens 128 --seed 0 \
+    --out "$file"  # written atomically: a killed eval leaves no eval file
 }
 evaluate "$OUT/warm"
 
 train_one() {  # train_one CREDIT SEED: train from the warm start, then evaluate; output to RUN.log
   local run=$OUT/$1-s$2
   rm -rf "${run:?}"
-  echo "[$(stamp)] train credit=$1 seed=$2 -> $run (log: $run.log)"
+  echo "[$(stamp)] train credit=$1 seed=$2 -> $run (log: $run.log, code $COMMIT)"
   # shellcheck disable=SC2086
   attnrhythm train --preset "$PRESET" --model "$OUT/warm" --task "$TRAIN_TASK" --credit "$1" --seed "$2" \
     --save-steps 0 $STEPS_FLAG $EXTRA --out "$run" > "$run.log" 2>&1 || { echo "[$(stamp)] FAILED: $run (see $run.log)"; return 1; }
   rm -rf "${run:?}"/checkpoint-*   # optimizer state is large; the final model is in the folder
+  echo "$COMMIT" > "$run/commit.txt"
   evaluate "$run" >> "$run.log" 2>&1
   echo "[$(stamp)] finished $run"
 }
+
+if [[ $FINAL == 1 ]]; then  # the final split, once, for the start and every finished run
+  evaluate "$OUT/warm" final
+  finals=()
+  for seed in $SEEDS; do
+    for credit in $CREDITS; do
+      run=$OUT/$credit-s$seed
+      [[ -f $run/eval.json ]] || continue
+      evaluate "$run" final
+      finals+=("$run")
+    done
+  done
+  attnrhythm compare --start "$OUT/warm/eval_final.json" "${finals[@]}" --eval-file eval_final.json \
+    --test-set final --out "$OUT/final"
+  echo "[$(stamp)] done: $OUT/final/results.md"
+  exit 0
+fi
 
 runs=()
 failed=0
