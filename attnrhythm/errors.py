@@ -1,4 +1,4 @@
-"""What the user can fix, told in one line; and the deprecation of moved modules.
+"""What the user can fix, told in one line.
 
 ``UserError`` is raised for input the user controls: an unknown task, a typo'd config key, a
 missing file, a bad flag value.  The command line prints its message on one line and exits 2.
@@ -8,9 +8,6 @@ shows: a bug must never look like a user error.
 from __future__ import annotations
 
 import difflib
-import importlib
-import sys
-import warnings
 from typing import Iterable
 
 
@@ -41,16 +38,3 @@ def unknown_name(kind: str, name: str, known: Iterable[str]) -> UserError:
     hint = f"; did you mean {guess!r}?" if guess else ""
     return UserError(f"unknown {kind} {name!r}{hint} (known: {', '.join(map(str, known))})")
 
-
-def require(condition: bool, message: str) -> None:
-    """Raise ``UserError(message)`` unless ``condition``."""
-    if not condition:
-        raise UserError(message)
-
-
-def moved_module(old: str, new: str) -> None:
-    """Make module ``old`` an alias of ``new`` with a DeprecationWarning (old import paths keep
-    working for one release; ``old is new`` afterwards, so patching either patches both)."""
-    warnings.warn(f"{old} moved to {new}; the old path will be removed in the next release",
-                  DeprecationWarning, stacklevel=3)
-    sys.modules[old] = importlib.import_module(new)

@@ -1,34 +1,12 @@
-"""The package's shape: old import paths still work (with a warning), imports run one way, and
-no module reaches into another's private names."""
+"""The package's shape: the public names, imports that run one way with no circles, and no module
+that reaches into another's private names."""
 import ast
-import importlib
 import pathlib
-import sys
 import warnings
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "attnrhythm"
-
-MOVED = {
-    "attnrhythm.config": "attnrhythm.core.config", "attnrhythm.stats": "attnrhythm.core.stats",
-    "attnrhythm.heads": "attnrhythm.core.heads", "attnrhythm.metrics": "attnrhythm.core.metrics",
-    "attnrhythm.credit": "attnrhythm.core.credit", "attnrhythm.couplings": "attnrhythm.core.couplings",
-    "attnrhythm.textstats": "attnrhythm.core.textstats", "attnrhythm.streaming": "attnrhythm.capture.streaming",
-    "attnrhythm.analysis": "attnrhythm.studies.analyze", "attnrhythm.perturb": "attnrhythm.studies.perturb",
-    "attnrhythm.reproduce": "attnrhythm.studies.reproduce", "attnrhythm.figures": "attnrhythm.studies.figures",
-    "attnrhythm.report": "attnrhythm.studies.report", "attnrhythm.plot": "attnrhythm.train.plot",
-    "attnrhythm.greedy": "attnrhythm.generation",
-}
-
-
-@pytest.mark.parametrize("old,new", sorted(MOVED.items()))
-def test_old_module_paths_warn_and_alias_the_new_ones(old, new):
-    sys.modules.pop(old, None)
-    with pytest.warns(DeprecationWarning, match=new.replace(".", r"\.")):
-        module = importlib.import_module(old)
-    assert module is importlib.import_module(new)
-
 
 def test_public_api_names_unchanged():
     import attnrhythm as ar
@@ -63,36 +41,34 @@ def _imports(path: pathlib.Path):
                 yield a.name, []
 
 
-SHIMS = {m.rsplit(".", 1)[1] + ".py" for m in MOVED}
-# who may import whom: a module in a layer imports only from its own folder and the layers below
+# who may import whom: a module imports only from its own folder and the layers below
+BASE = {"errors", "io", "log"}
 LAYERS = {
+    "errors": set(), "log": set(), "io": {"errors"},
     "core": {"core", "errors"},
-    "capture": {"capture", "core", "errors", "io", "log"},
-    "tasks": {"tasks", "errors", "io", "log"},
-    "studies": {"studies", "capture", "core", "errors", "io", "log", "generation", "data", "models", "tasks"},
-    "train": {"train", "capture", "core", "errors", "io", "log", "generation", "data", "models", "tasks"},
+    "capture": {"capture", "core"} | BASE,
+    "data": BASE, "models": BASE,
+    "tasks": {"tasks", "data"} | BASE,
+    "generation": {"capture", "core", "data"} | BASE,
+    "studies": {"studies", "capture", "core", "generation", "data", "models", "tasks"} | BASE,
+    "train": {"train", "capture", "core", "generation", "data", "models", "tasks"} | BASE,
 }
 
 
 def _modules():
     for path in sorted(ROOT.rglob("*.py")):
-        rel = path.relative_to(ROOT)
-        if len(rel.parts) == 1 and rel.name in SHIMS:
-            continue
-        yield path, rel
+        yield path, path.relative_to(ROOT)
+
+
+def _layer(module: str) -> str:
+    """attnrhythm.tasks.math -> tasks; attnrhythm.data -> data."""
+    return module.split(".")[1]
 
 
 def test_imports_run_one_way():
-    bad = []
-    for path, rel in _modules():
-        if len(rel.parts) == 1 or rel.parts[0] not in LAYERS:
-            continue
-        for module, _ in _imports(path):
-            parts = module.split(".")
-            if parts[0] != "attnrhythm" or len(parts) == 1:
-                continue
-            if parts[1] not in LAYERS[rel.parts[0]]:
-                bad.append(f"{rel} imports {module}")
+    bad = [f"{module} imports {target}" for module, targets in sorted(_import_graph().items())
+           if module.count(".") and _layer(module) in LAYERS
+           for target in sorted(targets) if _layer(target) not in LAYERS[_layer(module)]]
     assert not bad, "\n".join(bad)
 
 
@@ -107,9 +83,78 @@ def test_nothing_imports_cli_or_another_modules_private_names():
     assert not bad, "\n".join(bad)
 
 
-def test_moved_modules_are_still_attributes_of_the_package():
-    import attnrhythm
-    sys.modules.pop("attnrhythm.metrics", None)
-    attnrhythm.__dict__.pop("metrics", None)
-    with pytest.warns(DeprecationWarning, match="attnrhythm.core.metrics"):
-        assert attnrhythm.metrics.rhythm_from_stats is attnrhythm.rhythm_from_stats
+def _module_name(rel: pathlib.Path) -> str:
+    parts = ("attnrhythm",) + rel.with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """module -> the attnrhythm modules it imports, at module level or inside a function.
+
+    ``from attnrhythm import data`` imports the module ``attnrhythm.data``; importing
+    ``attnrhythm.tasks.math`` from outside ``attnrhythm.tasks`` runs ``attnrhythm/tasks/__init__.py``
+    first, so it is an import of that package too (a package's own modules do not count their
+    package: it is already being imported)."""
+    known = {_module_name(rel) for _, rel in _modules()}
+    graph = {}
+    for path, rel in _modules():
+        name = _module_name(rel)
+        own_packages = {name.rsplit(".", k)[0] for k in range(1, name.count(".") + 1)} | {name}
+        targets = set()
+        for module, names in _imports(path):
+            if not module.startswith("attnrhythm"):
+                continue
+            pieces = [module] + [f"{module}.{n}" for n in names if f"{module}.{n}" in known]
+            for piece in pieces:
+                parts = piece.split(".")
+                targets |= {".".join(parts[:k]) for k in range(1, len(parts) + 1)}
+        graph[name] = {t for t in targets if t in known and t not in own_packages and t != "attnrhythm"}
+    return graph
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan's algorithm)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_circles():
+    """No two modules import each other, directly or through others, even inside a function: a
+    lazy import that closes a circle hides a layering problem instead of solving it."""
+    circles = _circles(_import_graph())
+    assert not circles, "\n".join(" <-> ".join(c) for c in circles)
+
+
+def test_the_circle_finder_finds_circles():
+    assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _circles({"a": {"b"}, "b": set()}) == []
+
+
+def test_at_most_ten_top_level_modules():
+    top = sorted(p.name for p in ROOT.glob("*.py"))
+    assert len(top) <= 10, top

@@ -50,14 +50,13 @@ from attnrhythm.capture import capture_statistics
 from attnrhythm.capture.in_pass import statistics_in_pass
 from attnrhythm.capture.in_pass import supported as in_pass_supported
 from attnrhythm.core.config import RhythmConfig
-from attnrhythm.core.credit import (CREDIT_NAMES, apply_sign, credit_sets, gamma_statistics_from_sums, gamma_sums,
+from attnrhythm.core.credit import (apply_sign, credit_sets, gamma_statistics_from_sums, gamma_sums,
                                     get_credit, high_entropy_selection_mask)
 from attnrhythm.core.heads import HeadSets
 from attnrhythm.core.metrics import calibration_distance, heads_from_distance, rhythm_from_stats
 from attnrhythm.train.callbacks import CompactProgress, MetricsJsonl, truncate_metrics  # noqa: F401 (re-exported)
 from attnrhythm.train.drift import SERIES_KEYS, drift_metrics, head_sets, series_sums
 
-CREDITS = CREDIT_NAMES  # the registry's names (attnrhythm.core.credit.CREDITS)
 RHYTHM_STATE = "rhythm_state.json"
 ROLLOUTS = "rollouts.jsonl"
 logger = log.get_logger(__name__)
