@@ -98,9 +98,9 @@ if [[ $FINAL == 1 ]]; then  # the final split, once, for the start and every fin
       finals+=("$run")
     done
   done
-  attnrhythm compare --start "$OUT/warm/eval_final.json" "${finals[@]}" --eval-file eval_final.json \
-    --test-set final --out "$OUT/final"
-  echo "[$(stamp)] done: $OUT/final/results.md"
+  attnrhythm compare --start "$OUT/warm" "${finals[@]}" --test-sets dev=eval.json final=eval_final.json \
+    --out "$OUT/final"
+  echo "[$(stamp)] done: $OUT/final/results.md (dev and final sets)"
   exit 0
 fi
 
@@ -120,7 +120,7 @@ if (( failed )); then echo "[$(stamp)] a run failed; rerun this command to retry
 
 echo "[$(stamp)] results"
 DEVICE=$("$PY" -c "import os, platform, torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU {platform.machine()}, {os.cpu_count()} cores')")
-attnrhythm compare --start "$OUT/warm/eval.json" "${runs[@]}" --out "$OUT" --device "$DEVICE" \
+attnrhythm compare --start "$OUT/warm" "${runs[@]}" --out "$OUT" --device "$DEVICE" \
   --run-command "PRESET=$PRESET TRAIN_TASK=$TRAIN_TASK CREDITS='$CREDITS' SEEDS='$SEEDS' EVAL_N=$EVAL_N ${STEPS:+STEPS=$STEPS }bash scripts/train_experiment.sh"
 attnrhythm plot "${runs[@]}" --metric reward accuracy rollout/groups_with_signal --out "$OUT/curves.png" \
   --title "$TASK, $MODEL warm start + GRPO"

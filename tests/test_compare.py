@@ -1,5 +1,6 @@
-"""`attnrhythm compare`: paired gains against a hand computation, seeds pooled per problem,
-mismatched problem sets refused, and the results files the README quotes."""
+"""`attnrhythm compare`: paired gains and the two-level (seeds x problems) bootstrap against hand
+computations, Holm's correction, same-seed pairing against plain GRPO, mismatched problem sets
+refused, and the results files the README quotes recomputed from the kept evaluations."""
 import json
 
 import numpy as np
@@ -8,7 +9,7 @@ import yaml
 
 from attnrhythm.cli import main
 from attnrhythm.errors import UserError
-from attnrhythm.train.compare import paired_gain, problem_key
+from attnrhythm.train.compare import holm, paired_gain, problem_key, two_level
 
 # in the order paired_gain resamples them (sorted by problem key), so the hand bootstrap draws the same problems
 PROBLEMS = sorted(({"numbers": [i, i + 1], "target": 2 * i + 1} for i in range(40)), key=problem_key)
@@ -50,63 +51,128 @@ def test_different_problem_sets_are_refused():
         paired_gain(evaluation([True] * 40), evaluation([True] * 40, other))
 
 
-def test_compare_writes_results_with_seeds_pooled(tmp_path):
+def hand_two_level(diffs, n_boot=10_000, seed=0):
+    """Resample by resample with np.ix_, drawing seeds then problems in the order two_level does
+    (chunks of 1,000 resamples)."""
+    rng = np.random.default_rng(seed)
+    s, p = diffs.shape
+    means = []
+    for start in range(0, n_boot, 1000):
+        m = min(1000, n_boot - start)
+        rows, cols = rng.integers(0, s, size=(m, s)), rng.integers(0, p, size=(m, p))
+        means += [diffs[np.ix_(rows[b], cols[b])].mean() for b in range(m)]
+    means = np.array(means)
+    return diffs.mean(), np.percentile(means, 2.5), np.percentile(means, 97.5), min(1, 2 * min((means <= 0).mean(), (means >= 0).mean()))
+
+
+def test_two_level_bootstrap_matches_the_hand_loop_and_widens_with_seed_spread():
+    rng = np.random.default_rng(7)
+    diffs = (rng.random((4, 30)) < 0.55).astype(float) - (rng.random((4, 30)) < 0.45)
+    got = two_level(diffs, n_boot=3000)
+    mean, low, high, p = hand_two_level(diffs, n_boot=3000)
+    assert got["mean"] == pytest.approx(mean) and got["ci_low"] == pytest.approx(low)
+    assert got["ci_high"] == pytest.approx(high) and got["p"] == pytest.approx(p)
+    # seeds that disagree (one seed's gain reversed) widen the interval beyond the problems-only one
+    spread = diffs.copy()
+    spread[0] = -np.abs(spread[0]) - 0.5
+    spread[1:] = np.abs(spread[1:])
+    problems_only = two_level(spread.mean(0, keepdims=True))
+    assert two_level(spread)["ci_low"] < problems_only["ci_low"]
+    # a constant difference per seed: the interval lies within the seeds' range
+    constant = np.repeat(np.array([[0.1], [0.2], [0.3]]), 20, axis=1)
+    c = two_level(constant)
+    assert 0.1 - 1e-12 <= c["ci_low"] <= c["ci_high"] <= 0.3 + 1e-12 and c["p"] == 0.0
+
+
+def test_holm_adjusts_in_order_and_stays_monotone():
+    assert holm({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06})
+    assert holm({"a": 0.5, "b": 0.6}) == pytest.approx({"a": 1.0, "b": 1.0})
+    assert holm({"a": 0.2}) == {"a": 0.2}
+
+
+def write_run(tmp_path, credit, seed, correct, final=None, commit="abc123"):
+    run = tmp_path / f"{credit}-s{seed}"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(dict(
+        credit=credit, seed=seed, task="countdown-pairs", learning_rate=1e-5, max_steps=16, device="cpu",
+        num_generations=8, per_device_batch=32, steps_per_generation=1, max_completion_length=64, beta=0.0)))
+    (run / "eval.json").write_text(json.dumps(evaluation(correct)))
+    if final is not None:
+        (run / "eval_final.json").write_text(json.dumps(evaluation(final)))
+    (run / "commit.txt").write_text(commit + "\n")
+    return str(run)
+
+
+def test_compare_pairs_seeds_with_plain_grpo_and_scores_both_test_sets(tmp_path):
     rng = np.random.default_rng(5)
-    start = tmp_path / "start.json"
-    start.write_text(json.dumps(evaluation(rng.random(40) < 0.3)))
-    runs = []
-    for credit, seed in (("none", 0), ("none", 1), ("coupled", 0)):
-        run = tmp_path / f"{credit}-s{seed}"
-        run.mkdir()
-        (run / "config.yaml").write_text(yaml.safe_dump(dict(credit=credit, seed=seed, task="countdown-pairs",
-                                                             learning_rate=1e-5, max_steps=32, device="cpu")))
-        (run / "eval.json").write_text(json.dumps(evaluation(rng.random(40) < 0.6)))
-        runs.append(str(run))
-    assert main(["compare", "--start", str(start), *runs, "--out", str(tmp_path / "out"), "--device", "test box"]) == 0
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
-    required = {"credit", "seed", "n_test", "pass1_start", "pass1_end", "gain", "ci_low", "ci_high", "steps", "device", "command"}
-    assert len(results) == 3 and all(required <= set(r) for r in results)
-    assert [r["device"] for r in results] == ["test box"] * 3
-    table = (tmp_path / "out" / "results.md").read_text()
-    none_row = next(line for line in table.splitlines() if "| none |" in line)
-    pooled = paired_gain(json.loads(start.read_text()), [json.loads((tmp_path / f"none-s{s}" / "eval.json").read_text())
-                                                        for s in (0, 1)])
-    assert f"{100 * pooled['gain']:+.1f} [{100 * pooled['ci_low']:+.1f}, {100 * pooled['ci_high']:+.1f}]" in none_row
-    coupled_row = next(line for line in table.splitlines() if "| coupled |" in line)
-    none_ends = [json.loads((tmp_path / f"none-s{s}" / "eval.json").read_text()) for s in (0, 1)]
-    versus = paired_gain(none_ends, json.loads((tmp_path / "coupled-s0" / "eval.json").read_text()))
-    x = np.mean([[p["scores"][0] >= 1 for p in e["problems"]] for e in none_ends], 0)
-    y = np.array([p["scores"][0] >= 1 for p in json.loads((tmp_path / "coupled-s0" / "eval.json").read_text())["problems"]])
-    assert versus["gain"] == pytest.approx((y - x).mean())
-    # one seed: no pooled cell; the difference from none's seed-averaged end
-    assert coupled_row.endswith(f"|  | {100 * versus['gain']:+.1f} [{100 * versus['ci_low']:+.1f}, {100 * versus['ci_high']:+.1f}] |")
-    assert none_row.endswith("|  |")
-    assert main(["compare", "--start", str(start), *runs, "--out", str(tmp_path / "vs"), "--versus", "coupled"]) == 0
-    table = (tmp_path / "vs" / "results.md").read_text()
-    assert "end minus `coupled`'s end" in table
-    back = paired_gain(json.loads((tmp_path / "coupled-s0" / "eval.json").read_text()), none_ends)
-    assert next(line for line in table.splitlines() if "| none |" in line).endswith(
-        f"| {100 * back['gain']:+.1f} [{100 * back['ci_low']:+.1f}, {100 * back['ci_high']:+.1f}] |")
-    assert main(["compare", "--start", str(tmp_path / "missing.json"), *runs]) == 2
+    warm = tmp_path / "warm"
+    warm.mkdir()
+    start, start_final = rng.random(40) < 0.3, rng.random(40) < 0.35
+    (warm / "eval.json").write_text(json.dumps(evaluation(start)))
+    (warm / "eval_final.json").write_text(json.dumps(evaluation(start_final)))
+    ends = {(c, s): (rng.random(40) < 0.6, rng.random(40) < 0.5) for c in ("none", "coupled", "random") for s in (0, 1, 2)}
+    del ends[("random", 2)]  # a credit with fewer seeds is paired on the seeds it has
+    runs = [write_run(tmp_path, c, s, *v) for (c, s), v in ends.items()]
+    out = tmp_path / "out"
+    assert main(["compare", "--start", str(warm), *runs, "--test-sets", "dev=eval.json", "final=eval_final.json",
+                 "--out", str(out), "--device", "test box"]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert len(rows) == 2 * len(runs) and {r["test_set"] for r in rows} == {"dev", "final"}
+    assert all(r["commit"] == "abc123" and r["device"] == "test box" for r in rows)
+    row = next(r for r in rows if r["run"] == "coupled-s1" and r["test_set"] == "final")
+    twin = paired_gain(evaluation(ends[("none", 1)][1]), evaluation(ends[("coupled", 1)][1]))
+    assert row["versus_gain"] == pytest.approx(twin["gain"]) and row["versus_ci_low"] == pytest.approx(twin["ci_low"])
+    summaries = json.loads((out / "summary.json").read_text())
+    coupled = next(s for s in summaries if s["credit"] == "coupled" and s["test_set"] == "dev")
+    none_dev = np.array([ends[("none", s)][0] for s in (0, 1, 2)], dtype=float)
+    coupled_dev = np.array([ends[("coupled", s)][0] for s in (0, 1, 2)], dtype=float)
+    order = np.argsort([problem_key(p) for p in evaluation(start)["problems"]])  # compare sorts problems by key
+    mean, low, high, p = hand_two_level((coupled_dev - none_dev)[:, order])
+    v = coupled["versus"]
+    assert v["mean"] == pytest.approx(mean) and v["ci_low"] == pytest.approx(low) and v["ci_high"] == pytest.approx(high)
+    assert v["per_seed"] == pytest.approx(list((coupled_dev - none_dev).mean(1)))
+    assert v["seeds_better"] == int(((coupled_dev - none_dev).mean(1) > 0).sum())
+    mean, low, high, _ = hand_two_level((coupled_dev - start)[:, order])
+    assert coupled["gain"]["ci_low"] == pytest.approx(low) and coupled["pass1_end"] == pytest.approx(coupled_dev.mean())
+    random_dev = next(s for s in summaries if s["credit"] == "random" and s["test_set"] == "dev")
+    assert random_dev["versus"]["seeds"] == [0, 1]
+    family = holm({"coupled": v["p"], "random": random_dev["versus"]["p"]})
+    assert v["p_holm"] == pytest.approx(family["coupled"])
+    table = (out / "results.md").read_text()
+    assert "### dev set (40 problems)" in table and "### final set (40 problems)" in table
+    line = next(x for x in table.splitlines() if x.startswith("| coupled | 3 |"))
+    assert f"{100 * v['mean']:+.1f} [{100 * v['ci_low']:+.1f}, {100 * v['ci_high']:+.1f}]" in line
 
 
-def test_committed_results_follow_the_schema_and_the_kept_evaluations_reproduce_them():
-    """docs/training/results.json holds the fields the README promises, and every run whose
-    evaluation is kept in docs/training/evals/ gives back its row when compared again."""
+@pytest.mark.parametrize("args, message", [
+    (["--test-sets", "dev"], "NAME=FILE"),
+    (["--test-sets", "dev=eval.json", "final=eval_final.json", "--start", "START_FILE"], "folder"),
+])
+def test_compare_refuses_bad_arguments_in_one_line(tmp_path, capsys, args, message):
+    warm = tmp_path / "warm"
+    warm.mkdir()
+    (warm / "eval.json").write_text(json.dumps(evaluation([True] * 40)))
+    run = write_run(tmp_path, "none", 0, [True] * 40)
+    args = [str(warm / "eval.json") if a == "START_FILE" else a for a in args]
+    start = [] if "--start" in args else ["--start", str(warm)]
+    assert main(["compare", *start, run, *args, "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_committed_results_recompute_from_the_kept_evaluations():
+    """docs/training/results.json holds the fields the README promises, and every row gives back
+    its numbers when its kept evaluation (docs/training/evals/[final/]RUN.json) is compared with
+    the kept start again."""
     from pathlib import Path
     docs = Path(__file__).resolve().parents[1] / "docs" / "training"
     rows = json.loads((docs / "results.json").read_text())
+    assert rows
     for row in rows:
-        for field in ("credit", "seed", "n_test", "pass1_start", "pass1_end", "gain", "ci_low", "ci_high", "steps",
-                      "device", "command"):
+        for field in ("credit", "seed", "test_set", "n_test", "pass1_start", "pass1_end", "gain", "ci_low",
+                      "ci_high", "steps", "device", "command", "commit"):
             assert field in row, (row["run"], field)
-        assert row["ci_low"] <= row["gain"] <= row["ci_high"]
-        assert row["gain"] == pytest.approx(row["pass1_end"] - row["pass1_start"])
-    start = json.loads((docs / "evals" / "warm.json").read_text())
-    kept = sorted(p for p in (docs / "evals").glob("*.json") if p.stem != "warm")
-    assert kept
-    for path in kept:
-        row = next(r for r in rows if r["run"] == path.stem and r["task"] == start["settings"]["task"])
-        again = paired_gain(start, json.loads(path.read_text()))
+        folder = docs / "evals" / ("" if row["test_set"] == "dev" else row["test_set"])
+        start = json.loads((folder / "warm.json").read_text())
+        again = paired_gain(start, json.loads((folder / f"{row['run']}.json").read_text()))
         for field in ("n_test", "pass1_start", "pass1_end", "gain", "ci_low", "ci_high", "wins", "losses"):
-            assert again[field] == pytest.approx(row[field]), (path.stem, field)
+            assert again[field] == pytest.approx(row[field]), (row["run"], row["test_set"], field)

@@ -1,21 +1,25 @@
-"""The credit comparison: held-out pass@1 before and after training, with paired intervals.
+"""The credit comparison: held-out scores before and after training, judged at the seed level.
 
 Every run of a comparison is evaluated on the same test problems as its starting model (same
-task, ``n`` and seed), so the gain of a run is a *paired* difference: the 95% interval comes from
-resampling problems (percentile bootstrap), which removes the problem-difficulty variance that
-two independent accuracies would carry.
+task, ``n``, split and seed), so every difference is *paired* by problem.  Two kinds of interval:
 
-    attnrhythm compare --start runs/exp/warm/eval.json runs/exp/none-s0 runs/exp/coupled-s0 \
-        --out docs/training
+* per run: a percentile bootstrap over problems (the run is one fixed trained model);
+* per credit over seeds: a two-level bootstrap that resamples seeds and, inside the resample,
+  problems (:func:`two_level`), so the run-to-run spread of training is part of the interval.
+  A credit is compared with plain GRPO (``--versus none``) *seed by seed*: credit seed s minus
+  ``none`` seed s, which shared its prompts and its first rollouts.  p-values are two-sided
+  bootstrap p-values, Holm-corrected over the credits compared on one test set.
 
-writes ``results.json`` (one object per run: credit, seed, n_test, pass1_start, pass1_end, gain,
-ci_low, ci_high, steps, device, command) and ``results.md`` (the paper's Table 3 shape).
+    attnrhythm compare --start runs/exp/warm runs/exp/none-s* runs/exp/coupled-s* \\
+        --test-sets dev=eval.json final=eval_final.json --out docs/training
+
+writes ``results.json`` (one object per run and test set), ``summary.json`` (one per recipe,
+credit and test set) and ``results.md`` (tables of both).
 """
 from __future__ import annotations
 
 import json
 import os
-import statistics
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +27,11 @@ import numpy as np
 from attnrhythm import io, log
 from attnrhythm.errors import MissingInput, UserError
 from attnrhythm.io import option
+
+N_BOOT = 10_000
+RECIPE_FIELDS = ("task", "learning_rate", "num_generations", "per_device_batch", "steps_per_generation",
+                 "max_steps", "max_completion_length", "beta")
+"""Config fields that make runs seeds of one recipe (the credit and the seed vary within it)."""
 
 
 def problem_key(problem: dict) -> str:
@@ -35,121 +44,314 @@ def correct_by_problem(evaluation: dict) -> dict[str, float]:
     return {problem_key(p): sum(s >= 1.0 for s in p["scores"]) / len(p["scores"]) for p in evaluation["problems"]}
 
 
-def paired_gain(start: dict | list[dict], end: dict | list[dict], n_boot: int = 10_000, seed: int = 0,
-                level: float = 0.95) -> dict:
-    """Accuracy of two evaluations on the same problems, their difference and its bootstrap interval.
+def aligned(*evaluations: dict) -> np.ndarray:
+    """[E, P] correct shares of ``evaluations`` on their common problems (sorted by key); a
+    comparison of different problem sets is refused rather than silently mismatched."""
+    scores = [correct_by_problem(e) for e in evaluations]
+    for other in scores[1:]:
+        if set(other) != set(scores[0]):
+            raise UserError(f"the evaluations hold different problems ({len(set(other) ^ set(scores[0]))} differ): "
+                            "evaluate all of them with the same --task, --split, --n and --seed")
+    keys = sorted(scores[0])
+    return np.array([[s[k] for k in keys] for s in scores], dtype=np.float64)
 
-    ``start`` and ``end`` are eval.json dicts; they must hold the same problems (a comparison of
-    different problem sets is refused rather than silently mismatched).  Either may be a list
-    (one credit's runs with different seeds): each problem's score is then the mean over them,
-    and the interval, still over problems, is that of the seed-averaged difference."""
-    starts = [correct_by_problem(e) for e in (start if isinstance(start, list) else [start])]
-    ends = [correct_by_problem(e) for e in (end if isinstance(end, list) else [end])]
-    a = starts[0]
-    for b in starts[1:] + ends:
-        if set(a) != set(b):
-            raise UserError(f"the two evaluations hold different problems ({len(set(a) ^ set(b))} differ): "
-                            "evaluate both with the same --task, --n and --seed")
-    keys = sorted(a)
-    x = np.array([[b[k] for k in keys] for b in starts]).mean(0)
-    y = np.array([[b[k] for k in keys] for b in ends]).mean(0)
+
+def bootstrap_p(boots: np.ndarray) -> float:
+    """Two-sided bootstrap p-value of 'the mean is 0': twice the smaller tail beyond 0."""
+    return float(min(1.0, 2 * min((boots <= 0).mean(), (boots >= 0).mean())))
+
+
+def two_level(diffs: np.ndarray, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95) -> dict:
+    """Mean of a [S seeds, P problems] array of paired differences with a two-level interval.
+
+    Each resample draws S seeds with replacement and P problems with replacement (problems are
+    crossed with seeds: every drawn seed is scored on the same drawn problems) and takes the mean.
+    With one seed this is the plain bootstrap over problems.  Returns mean, ci_low, ci_high and
+    the two-sided bootstrap p-value.
+    """
+    diffs = np.asarray(diffs, dtype=np.float64)
+    s, p = diffs.shape
+    rng = np.random.default_rng(seed)
+    boots = np.empty(n_boot)
+    for start in range(0, n_boot, 1000):  # chunks keep the [chunk, S, P] gather small
+        m = min(1000, n_boot - start)
+        rows = rng.integers(0, s, size=(m, s))
+        cols = rng.integers(0, p, size=(m, p))
+        boots[start:start + m] = diffs[rows[:, :, None], cols[:, None, :]].mean(axis=(1, 2))
+    tail = (1 - level) / 2 * 100
+    return {"mean": float(diffs.mean()), "ci_low": float(np.percentile(boots, tail)),
+            "ci_high": float(np.percentile(boots, 100 - tail)), "p": bootstrap_p(boots)}
+
+
+def holm(pvalues: dict) -> dict:
+    """Holm-Bonferroni adjusted p-values of a family {name: p} (monotone, capped at 1)."""
+    order = sorted(pvalues, key=pvalues.get)
+    adjusted, running = {}, 0.0
+    for rank, name in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * pvalues[name]))
+        adjusted[name] = running
+    return adjusted
+
+
+def paired_gain(start: dict | list[dict], end: dict | list[dict], n_boot: int = N_BOOT, seed: int = 0,
+                level: float = 0.95) -> dict:
+    """Scores of two evaluations on the same problems, their difference and its bootstrap
+    interval over problems.  Either side may be a list of evaluations (seeds): each problem's
+    score is then their mean, and the interval, still over problems only, is that of the
+    seed-averaged difference (use :func:`two_level` to resample seeds as well)."""
+    starts = start if isinstance(start, list) else [start]
+    ends = end if isinstance(end, list) else [end]
+    scores = aligned(*starts, *ends)
+    x, y = scores[:len(starts)].mean(0), scores[len(starts):].mean(0)
     diff = y - x
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(keys), size=(n_boot, len(keys)))
-    boots = diff[idx].mean(1)
+    boots = diff[rng.integers(0, len(diff), size=(n_boot, len(diff)))].mean(1)
     tail = (1 - level) / 2 * 100
-    return {"n_test": len(keys), "pass1_start": float(x.mean()), "pass1_end": float(y.mean()),
+    return {"n_test": len(diff), "pass1_start": float(x.mean()), "pass1_end": float(y.mean()),
             "gain": float(diff.mean()), "ci_low": float(np.percentile(boots, tail)),
             "ci_high": float(np.percentile(boots, 100 - tail)),
             "wins": int((diff > 0).sum()), "losses": int((diff < 0).sum())}
 
 
-def run_entry(run_dir: str, start: dict, device: str = "", command: str = "") -> dict:
-    """One results.json object for a finished run folder (config.yaml + eval.json)."""
+# ----------------------------------------------------------------------------- runs -> rows
+@dataclass
+class Run:
+    """A finished run folder: its config, the commit of its code and its evaluations."""
+
+    path: str
+    config: dict
+    commit: str
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(os.path.normpath(self.path))
+
+    @property
+    def recipe(self) -> tuple:
+        return tuple(self.config.get(f) for f in RECIPE_FIELDS)
+
+    def evaluation(self, file: str) -> dict:
+        path = os.path.join(self.path, file)
+        if not os.path.exists(path):
+            raise MissingInput(f"{self.path} has no {file}: evaluate it (`attnrhythm eval --out {path}`) first")
+        return read_evaluation(path)
+
+
+def read_evaluation(path: str) -> dict:
+    evaluation = io.read_json(path)
+    if not isinstance(evaluation, dict) or not isinstance(evaluation.get("problems"), list) or not all(
+            isinstance(p, dict) and isinstance(p.get("scores"), list) and p["scores"] for p in evaluation["problems"]):
+        raise UserError(f"{path} is not an `attnrhythm eval` result (it needs problems with scores)")
+    return evaluation
+
+
+def load_run(path: str) -> Run:
     import yaml
 
-    for name in ("config.yaml", "eval.json"):
-        if not os.path.exists(os.path.join(run_dir, name)):
-            raise MissingInput(f"{run_dir} has no {name}: train it (`attnrhythm train`) and evaluate it "
-                               f"(`attnrhythm eval --out {run_dir}/eval.json`) first")
-    with open(os.path.join(run_dir, "config.yaml")) as f:
+    config_path = os.path.join(path, "config.yaml")
+    if not os.path.exists(config_path):
+        raise MissingInput(f"{path} has no config.yaml: train it (`attnrhythm train --out {path}`) first")
+    with open(config_path, encoding="utf-8") as f:
         config = yaml.safe_load(f)
-    end = io.read_json(os.path.join(run_dir, "eval.json"))
-    return {"run": os.path.basename(os.path.normpath(run_dir)), "credit": config["credit"], "seed": config["seed"],
-            "task": config["task"], "learning_rate": config["learning_rate"],
-            **paired_gain(start, end), "steps": config["max_steps"], "device": device or config.get("device", ""),
-            "command": command}
+    if not isinstance(config, dict) or not {"credit", "seed"} <= set(config):
+        raise UserError(f"{config_path} is not an `attnrhythm train` config (it needs credit and seed)")
+    commit_path = os.path.join(path, "commit.txt")
+    commit = open(commit_path, encoding="utf-8").read().strip() if os.path.exists(commit_path) else ""
+    return Run(path, config, commit)
 
 
-def recipe(entry: dict) -> tuple:
-    """What makes runs comparable seeds of one another: training task, learning rate, credit."""
-    return entry.get("task", ""), entry.get("learning_rate", ""), entry["credit"]
+def parse_test_sets(specs: list[str]) -> dict[str, str]:
+    """['dev=eval.json', 'final=eval_final.json'] -> {'dev': 'eval.json', 'final': 'eval_final.json'}."""
+    out = {}
+    for spec in specs:
+        name, sep, file = spec.partition("=")
+        if not sep or not name or not file:
+            raise UserError(f"--test-sets takes NAME=FILE pairs (e.g. dev=eval.json), got {spec!r}")
+        out[name] = file
+    return out
 
 
-def table(entries: list[dict], pooled: dict[tuple, dict] | None = None, versus: dict[tuple, dict] | None = None,
-          baseline: str = "none") -> str:
-    """Markdown: one row per recipe (training task, learning rate) and credit (seeds averaged),
-    the gain with its interval per seed, (``pooled``, from :func:`pooled_gains`) the
-    seed-averaged gain with its interval and (``versus``) the difference from the ``baseline``
-    credit (plain GRPO by default)."""
-    by_credit: dict[tuple, list[dict]] = {}
-    for e in entries:
-        by_credit.setdefault(recipe(e), []).append(e)
-    pooled, versus = pooled or {}, versus or {}
-    cell = lambda g: f"{100 * g['gain']:+.1f} [{100 * g['ci_low']:+.1f}, {100 * g['ci_high']:+.1f}]" if g else ""  # noqa: E731
-    lines = ["| training task | lr | credit | seeds | pass@1 start | pass@1 end | gain (95% paired CI per seed) "
-             f"| gain over seeds (95% CI) | end minus `{baseline}`'s end (95% CI) |", "|---|---|---|---|---|---|---|---|---|"]
-    for key, runs in by_credit.items():
-        task, lr, credit = key
-        gains = "; ".join(cell(r) for r in runs)
-        lines.append(f"| {task} | {lr:g} | {credit} | {len(runs)} | {100 * statistics.mean(r['pass1_start'] for r in runs):.1f}% "
-                     f"| {100 * statistics.mean(r['pass1_end'] for r in runs):.1f}% | {gains} | {cell(pooled.get(key))} "
-                     f"| {cell(versus.get(key))} |")
-    n = {e["n_test"] for e in entries}
-    lines.append(f"\npass@1 is greedy, on {', '.join(map(str, sorted(n)))} held-out test problems; the interval is a "
-                 "95% percentile bootstrap over problems of the paired difference (end - start).")
+def start_evaluation(start: str, file: str, single: bool) -> dict:
+    """The starting model's evaluation: ``start`` is its folder (holding ``file``) or, with a
+    single test set, the evaluation file itself."""
+    path = os.path.join(start, file) if os.path.isdir(start) else start
+    if not os.path.isdir(start) and not single:
+        raise UserError("with several --test-sets, --start must be the starting model's folder")
+    if not os.path.exists(path):
+        raise MissingInput(f"--start: {path} does not exist; evaluate the starting model first")
+    return read_evaluation(path)
+
+
+def run_rows(runs: list[Run], start: dict, file: str, test_set: str, baseline: str, device: str,
+             command: str) -> list[dict]:
+    """One results.json object per run: its gain over the start and, where the ``baseline``
+    credit has a run with the same recipe and seed, its end minus that run's end."""
+    evaluations = {r.path: r.evaluation(file) for r in runs}
+    base = {(r.recipe, r.config["seed"]): r for r in runs if r.config["credit"] == baseline}
+    rows = []
+    for run in runs:
+        row = {"run": run.name, "credit": run.config["credit"], "seed": run.config["seed"], "test_set": test_set,
+               **{f: run.config.get(f) for f in RECIPE_FIELDS},
+               **paired_gain(start, evaluations[run.path]), "steps": run.config.get("max_steps"),
+               "device": device or run.config.get("device", ""), "command": command, "commit": run.commit}
+        twin = base.get((run.recipe, run.config["seed"]))
+        if twin is not None and twin is not run:
+            versus = paired_gain(evaluations[twin.path], evaluations[run.path])
+            row.update(versus=baseline, versus_gain=versus["gain"], versus_ci_low=versus["ci_low"],
+                       versus_ci_high=versus["ci_high"])
+        rows.append(row)
+    return rows
+
+
+def credit_summaries(runs: list[Run], start: dict, file: str, test_set: str, baseline: str) -> list[dict]:
+    """One summary per recipe and credit: mean end score over seeds, the gain over the start and
+    the same-seed difference from ``baseline``, each with a two-level interval over seeds and
+    problems, how many seeds were above 0, and Holm-corrected p-values over the credits."""
+    groups: dict[tuple, dict[int, Run]] = {}
+    for run in runs:
+        seeds = groups.setdefault((run.recipe, run.config["credit"]), {})
+        if run.config["seed"] in seeds:
+            raise UserError(f"{run.path} and {seeds[run.config['seed']].path} are the same credit, recipe and seed")
+        seeds[run.config["seed"]] = run
+    summaries = []
+    for (recipe, credit), by_seed in groups.items():
+        seeds = sorted(by_seed)
+        scores = aligned(start, *(by_seed[s].evaluation(file) for s in seeds))
+        gain = two_level(scores[1:] - scores[0])
+        summary = {"recipe": dict(zip(RECIPE_FIELDS, recipe)), "credit": credit, "test_set": test_set,
+                   "seeds": seeds, "n_test": scores.shape[1], "pass1_start": float(scores[0].mean()),
+                   "pass1_end": float(scores[1:].mean()), "end_per_seed": [float(x) for x in scores[1:].mean(1)],
+                   "gain": gain, "seeds_above_start": int((scores[1:].mean(1) > scores[0].mean()).sum()),
+                   "commits": sorted({by_seed[s].commit for s in seeds})}
+        base = groups.get((recipe, baseline))
+        shared = [s for s in seeds if base and s in base]
+        if credit != baseline and shared:
+            ends = aligned(*(by_seed[s].evaluation(file) for s in shared), *(base[s].evaluation(file) for s in shared))
+            diffs = ends[:len(shared)] - ends[len(shared):]
+            per_seed = diffs.mean(1)
+            summary["versus"] = {"credit": baseline, "seeds": shared, "per_seed": [float(x) for x in per_seed],
+                                 **two_level(diffs), "seeds_better": int((per_seed > 0).sum()),
+                                 "seeds_worse": int((per_seed < 0).sum())}
+        summaries.append(summary)
+    for key in ("gain", "versus"):  # Holm over the family of one test set and recipe
+        for recipe in {json.dumps(s["recipe"], sort_keys=True) for s in summaries}:
+            family = {s["credit"]: s[key]["p"] for s in summaries
+                      if key in s and json.dumps(s["recipe"], sort_keys=True) == recipe}
+            for s in summaries:
+                if s["credit"] in family and json.dumps(s["recipe"], sort_keys=True) == recipe:
+                    s[key]["p_holm"] = holm(family)[s["credit"]]
+    return summaries
+
+
+def verdict(stat: dict) -> str:
+    """Words for a two-level interval: a difference whose interval touches 0 is inconclusive."""
+    if stat["ci_low"] > 0:
+        return "higher"
+    if stat["ci_high"] < 0:
+        return "lower"
+    return "inconclusive"
+
+
+# ----------------------------------------------------------------------------- tables
+def _pts(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
+def _ci(stat: dict, mean_key: str = "mean") -> str:
+    return f"{_pts(stat[mean_key])} [{_pts(stat['ci_low'])}, {_pts(stat['ci_high'])}]"
+
+
+def recipe_title(recipe: dict) -> str:
+    per_step = recipe.get("per_device_batch")
+    return (f"{recipe.get('task')}, lr {recipe.get('learning_rate'):g}, {per_step} completions "
+            f"({per_step // max(1, recipe.get('num_generations') or 1)} prompts x {recipe.get('num_generations')}) per "
+            f"optimizer step, {recipe.get('steps_per_generation')} step(s) per rollout batch, "
+            f"{recipe.get('max_steps')} steps, completions <= {recipe.get('max_completion_length')} tokens"
+            + (f", beta {recipe['beta']:g}" if recipe.get("beta") else ""))
+
+
+def table(rows: list[dict], summaries: list[dict], baseline: str = "none") -> str:
+    """Markdown: per test set and recipe, one line per credit over its seeds, then one per run."""
+    lines = []
+    for test_set in dict.fromkeys(s["test_set"] for s in summaries):
+        for recipe in dict.fromkeys(json.dumps(s["recipe"], sort_keys=True) for s in summaries):
+            group = [s for s in summaries if s["test_set"] == test_set and json.dumps(s["recipe"], sort_keys=True) == recipe]
+            if not group:
+                continue
+            n = group[0]["n_test"]
+            lines += [f"### {test_set} set ({n} problems): {recipe_title(group[0]['recipe'])}", "",
+                      f"| credit | seeds | pass@1 start | mean pass@1 end | gain over start (95% CI, seeds x problems) "
+                      f"| seeds above start | end minus `{baseline}`'s, same seed, per seed | minus `{baseline}` "
+                      "(95% CI, seeds x problems) | seeds better / worse | p (Holm) | verdict |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|"]
+            for s in group:
+                v = s.get("versus")
+                lines.append(
+                    f"| {s['credit']} | {len(s['seeds'])} | {100 * s['pass1_start']:.1f}% | {100 * s['pass1_end']:.1f}% "
+                    f"| {_ci(s['gain'])} | {s['seeds_above_start']} of {len(s['seeds'])} "
+                    + (f"| {'; '.join(_pts(x) for x in v['per_seed'])} | {_ci(v)} | {v['seeds_better']} / {v['seeds_worse']} "
+                       f"| {v['p_holm']:.3f} | {verdict(v)} |" if v else "|  |  |  |  |  |"))
+            lines += ["", f"Per run ({test_set} set): gain over the start and end minus `{baseline}`'s end with the "
+                      "same seed, 95% bootstrap over problems (the run is one fixed model).", "",
+                      "| run | pass@1 end | gain over start | wins / losses | minus `" + baseline + "`, same seed | commit |",
+                      "|---|---|---|---|---|---|"]
+            for r in rows:
+                if r["test_set"] != test_set or json.dumps({f: r.get(f) for f in RECIPE_FIELDS}, sort_keys=True) != recipe:
+                    continue
+                versus = (f"{_pts(r['versus_gain'])} [{_pts(r['versus_ci_low'])}, {_pts(r['versus_ci_high'])}]"
+                          if "versus_gain" in r else "")
+                lines.append(f"| {r['run']} | {100 * r['pass1_end']:.1f}% | {_ci(r, 'gain')} | {r['wins']} / {r['losses']} "
+                             f"| {versus} | {r['commit'][:10]} |")
+            lines.append("")
+    lines.append("pass@1 is greedy. The credit lines resample seeds and, within them, problems (two-level "
+                 "bootstrap, 10,000 resamples); p is the two-sided bootstrap p-value, Holm-corrected over the "
+                 "credits of one test set; a verdict is 'higher' or 'lower' only when the whole interval is.")
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------- command
 @dataclass
 class CompareSettings:
     """What `compare` reads and writes."""
 
-    start: str = option("", "eval.json of the starting model (the same --task, --n and --seed as the runs')")
-    runs: list[str] = option([], "run folders, each with config.yaml and eval.json", positional=True, metavar="DIR")
+    start: str = option("", "the starting model's folder (holding the evaluation files), or with one test set its "
+                        "evaluation file")
+    runs: list[str] = option([], "run folders, each with config.yaml and the evaluation files", positional=True,
+                             metavar="DIR")
+    test_sets: list[str] = option(["dev=eval.json"], "NAME=FILE: the evaluation file of every run (and the start) "
+                                  "for each test set, e.g. dev=eval.json final=eval_final.json")
     device: str = option("", "machine the runs used (written into each entry)")
     run_command: str = option("", "the command that produced the runs (written into each entry)")
-    out: str = option("runs/compare", "folder for results.json and results.md")
-    versus: str = option("none", "the credit every other credit's end is compared with, problem by problem")
+    out: str = option("runs/compare", "folder for results.json, summary.json and results.md")
+    versus: str = option("none", "the credit every other credit is compared with, seed by seed and problem by problem")
 
 
 SETTINGS = CompareSettings
 
 
+def compare(settings: CompareSettings) -> tuple[list[dict], list[dict]]:
+    """Rows (one per run and test set) and summaries (one per recipe, credit and test set)."""
+    test_sets = parse_test_sets(settings.test_sets)
+    if not settings.start:
+        raise MissingInput("--start is required: the starting model's folder or evaluation file")
+    if not settings.runs:
+        raise UserError("give at least one run folder to compare")
+    runs = [load_run(path) for path in settings.runs]
+    rows, summaries = [], []
+    for test_set, file in test_sets.items():
+        start = start_evaluation(settings.start, file, len(test_sets) == 1)
+        rows += run_rows(runs, start, file, test_set, settings.versus, settings.device, settings.run_command)
+        summaries += credit_summaries(runs, start, file, test_set, settings.versus)
+    return rows, summaries
+
+
 def command(settings: CompareSettings, command_line: str | None = None) -> int:
-    """`attnrhythm compare`: paired gains of every run over the start -> results.json/results.md."""
-    if not settings.start or not os.path.exists(settings.start):
-        raise MissingInput(f"--start {settings.start or '(not given)'}: no such eval.json")
-    start = io.read_json(settings.start)
-    entries = [run_entry(r, start, settings.device, settings.run_command) for r in settings.runs]
-    pooled, versus = pooled_gains(start, settings.runs, entries, settings.versus)
-    text = table(entries, pooled, versus, settings.versus)
+    """`attnrhythm compare` -> results.json, summary.json, results.md."""
+    rows, summaries = compare(settings)
+    text = table(rows, summaries, settings.versus)
     os.makedirs(settings.out, exist_ok=True)
-    io.write_json(os.path.join(settings.out, "results.json"), entries)
+    io.write_json(os.path.join(settings.out, "results.json"), rows)
+    io.write_json(os.path.join(settings.out, "summary.json"), summaries)
     io.write_text(os.path.join(settings.out, "results.md"), text)
-    log.emit(text + f"wrote {settings.out}/results.json and results.md")
+    log.emit(text + f"wrote {settings.out}/results.json, summary.json and results.md")
     return 0
-
-
-def pooled_gains(start: dict, runs: list[str], entries: list[dict],
-                 baseline: str = "none") -> tuple[dict[tuple, dict], dict[tuple, dict]]:
-    """({recipe: paired_gain over its seeds} for every recipe with more than one run,
-    {recipe: its seed-averaged end minus the same task and lr's ``baseline`` credit's end}, paired
-    by problem)."""
-    groups: dict[tuple, list[dict]] = {}
-    for run, entry in zip(runs, entries):
-        groups.setdefault(recipe(entry), []).append(io.read_json(os.path.join(run, "eval.json")))
-    pooled = {key: paired_gain(start, evals) for key, evals in groups.items() if len(evals) > 1}
-    versus = {key: paired_gain(groups[key[:2] + (baseline,)], evals) for key, evals in groups.items()
-              if key[2] != baseline and key[:2] + (baseline,) in groups}
-    return pooled, versus
