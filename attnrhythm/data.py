@@ -26,10 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from attnrhythm import io, log
-from attnrhythm.io import option
-
-from attnrhythm.tasks.math import gsm8k_gold
 from attnrhythm.errors import MissingInput, UserError
+from attnrhythm.io import option
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 KNOWN_SOURCES = ("gsm8k", "champ", "<path>.jsonl", "<owner>/<dataset> (Hugging Face id)")
@@ -68,6 +66,19 @@ class Problem:
     question: str
     answer_text: str
     gold: str
+
+
+def gsm8k_gold(answer_text: str) -> str:
+    """The GSM8K gold answer: the text after the last ``####`` with commas and spaces removed.
+
+    Without ``####`` the stripped text is returned unchanged (a bare answer, e.g. from a JSONL
+    file), so LaTeX answers such as ``(1,2)`` keep their commas.
+    """
+    text = str(answer_text)
+    cut = text.rfind("####")
+    if cut < 0:
+        return text.strip()
+    return "".join(text[cut + 4 :].replace(",", "").split())
 
 
 def _package_dir(name: str) -> Path | None:

@@ -9,17 +9,22 @@ import pytest
 
 from attnrhythm.tasks import (
     KNOWN_TASKS,
+    TASKS,
+    Task,
+    TaskEntry,
+    check_verifier_errors,
     CountdownInstance,
     countdown_prompt,
     extract_boxed,
     generate_countdown,
     get_task,
-    gsm8k_gold,
     score_choice,
+    score_completions,
     score_countdown,
     score_math,
     solve_countdown,
 )
+from attnrhythm.data import gsm8k_gold
 from attnrhythm.tasks.choice import choice_prompt, extract_choice_letter, load_choice_jsonl
 from attnrhythm.errors import UserError
 from attnrhythm.tasks.countdown import EASY
@@ -352,6 +357,66 @@ def test_get_task_unknown():
     with pytest.raises(ValueError) as info:
         get_task("nope")
     assert all(name in str(info.value) for name in KNOWN_TASKS)
+
+
+def test_every_registered_name_resolves_and_describes_itself(tmp_path):
+    math_file = tmp_path / "m.jsonl"
+    math_file.write_text('{"problem": "Compute 1/2 + 0.", "answer": "\\\\frac{1}{2}"}\n')
+    choice_file = tmp_path / "c.jsonl"
+    choice_file.write_text('{"question": "2+2?", "options": ["3", "4"], "answer": "B"}\n')
+    files = {"math-jsonl:PATH": math_file, "choice-jsonl:PATH": choice_file}
+    assert list(TASKS) == list(KNOWN_TASKS) and "countdown-pairs-dense" in TASKS and "gsm8k" in TASKS
+    for name, entry in TASKS.items():
+        assert entry.description
+        written = name.replace("PATH", str(files[name])) if name in files else name
+        task = get_task(written)
+        assert task.name == written and task.data_file == (str(files[name]) if name in files else None)
+        split = task.splits[-1] if task.splits else "whatever"
+        assert len(task.load(split, 1, 0)) == 1, name
+    assert get_task("countdown-pairs").splits == ("train", "test", "final")
+    assert get_task("countdown").splits == ("train", "test") and get_task("gsm8k").splits == ("test",)
+    with pytest.raises(UserError, match="unknown task"):
+        get_task("math-jsonl:")  # a file task needs its path
+
+
+def test_a_new_task_is_one_registry_entry(monkeypatch):
+    from attnrhythm import tasks
+
+    def build(name, template, path):
+        return Task(name, lambda split, n, seed: [{"prompt": f"say {i}", "said": str(i)} for i in range(n)],
+                    lambda completion, row: float(completion.strip() == row["said"]))
+
+    monkeypatch.setitem(tasks.TASKS, "echo", TaskEntry("echo", "repeat the number", build))
+    task = get_task("echo")
+    rows = task.load("train", 2, 0)
+    assert score_completions(task, ["0", "7"], rows) == ([1.0, 0.0], [])
+    assert "echo" in tasks.task_help()
+    with pytest.raises(UserError, match="echo"):
+        get_task("ecko")  # the unknown-name message reads the registry too
+
+
+def test_train_and_eval_help_list_the_registry(capsys):
+    from attnrhythm.cli import main
+
+    for command in ("train", "eval"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        shown = "".join(capsys.readouterr().out.split())  # argparse wraps lines after hyphens too
+        assert all(name in shown for name in KNOWN_TASKS), command
+
+
+def test_verifier_errors_policy_logs_some_and_stops_on_all(caplog):
+    check_verifier_errors("toy", [], 3)  # nothing failed: nothing said
+    assert not caplog.records
+    check_verifier_errors("toy", ["KeyError: 'x'"], 3, " of the batch")
+    assert "failed on 1 of 3 completions of the batch (scored 0); first: KeyError" in caplog.text
+    with pytest.raises(RuntimeError, match="every completion of the batch"):
+        check_verifier_errors("toy", ["KeyError: 'x'"] * 3, 3, " of the batch")
+
+
+def test_never_raising_scores_log_what_they_swallow(caplog):
+    assert score_countdown("<answer>1</answer>", ["a"], TARGET) == 0.1  # type: ignore[list-item]
+    assert "countdown verifier raised ValueError" in caplog.text
 
 
 def test_dense_countdown_reward_orders_by_nearness_and_keeps_exact_and_format():

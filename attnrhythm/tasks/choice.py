@@ -1,4 +1,4 @@
-"""Single-choice questions (CrossThink-QA style, docs/method.md section 7).
+"""Single-choice questions (CrossThink-QA style, docs/method.md section 7): the ``choice-jsonl:PATH`` task.
 
 Options are labelled A..J (4 to 10 in CrossThink-QA); the model reasons and puts the option letter
 in ``\\boxed{}``; a response is correct when the extracted letter equals the gold letter.
@@ -8,9 +8,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from attnrhythm.tasks.math import extract_boxed
-from attnrhythm import io
+from attnrhythm import io, log
 from attnrhythm.errors import MissingInput, UserError
+from attnrhythm.tasks.base import Task, TaskEntry, sample_rows
+from attnrhythm.tasks.math import extract_boxed
+
+logger = log.get_logger(__name__)
 
 LETTERS = "ABCDEFGHIJ"
 # Wrappers models put around a letter: \text{A}, \textbf{A}, \mathrm{A}, ...; one level unwrapped.
@@ -52,10 +55,12 @@ def verify_choice(completion: str, gold_letter: str) -> float:
 
 
 def score_choice(completion: str, gold_letter: str) -> float:
-    """``verify_choice`` that never raises (a verifier exception scores 0.0)."""
+    """``verify_choice`` that never raises: a verifier exception is logged and scores 0.0 (train
+    and eval score through ``verify_choice`` and count verifier errors instead)."""
     try:
         return verify_choice(completion, gold_letter)
-    except Exception:
+    except Exception as err:
+        logger.warning(f"the choice verifier raised {type(err).__name__}: {err}; scored 0")
         return 0.0
 
 
@@ -99,3 +104,22 @@ def load_choice_jsonl(path: str | Path) -> list[dict]:
         rows.append({"id": str(record.get("id", f"{path.stem}-{lineno}")),
                      "question": question, "options": options, "gold": gold})
     return rows
+
+
+# ----------------------------------------------------------------------------- the registry's entry
+def choice_task(name: str, template: str, path: str | None) -> Task:
+    """Single-choice questions of the JSONL file ``path`` (a file is one split)."""
+    def load(split: str, n: int | None, seed: int) -> list[dict]:
+        rows = []
+        for row in sample_rows(load_choice_jsonl(path), n, seed):
+            text = choice_prompt(row["question"], row["options"])
+            chat = [{"role": "user", "content": text}]
+            prompt = chat if template == "chat" else f"User: {text}\nAssistant:"
+            rows.append({**row, "prompt": prompt})
+        return rows
+
+    return Task(name, load, lambda completion, row: verify_choice(completion, row["gold"]), data_file=path)
+
+
+TASKS = (TaskEntry("choice-jsonl:PATH", "single-choice questions of a JSONL file (question, options, answer), "
+                   "boxed-letter reward", choice_task),)

@@ -1,4 +1,4 @@
-"""Countdown (TinyZero, Pan et al. 2025): instances, exact solver, prompts and reward.
+"""Countdown (TinyZero, Pan et al. 2025): instances, exact solver, prompts, reward and the tasks.
 
 The model gets 3 or 4 integers and a target and must write an arithmetic expression that uses
 every given number exactly once with + - * / and parentheses (docs/method.md section 7).  The reward
@@ -15,8 +15,12 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Sequence
 
-from attnrhythm.tasks.safe_eval import InvalidExpression, evaluate, numbers_in
+from attnrhythm import log
 from attnrhythm.errors import UserError
+from attnrhythm.tasks.base import Task, TaskEntry
+from attnrhythm.tasks.safe_eval import InvalidExpression, evaluate, numbers_in
+
+logger = log.get_logger(__name__)
 
 FORMAT_SCORE = 0.1
 """TinyZero's credit for a well-formed answer block that is wrong."""
@@ -258,8 +262,39 @@ def verify_countdown_dense(completion: str, numbers: Sequence[int], target: int)
 
 
 def score_countdown(completion: str, numbers: Sequence[int], target: int) -> float:
-    """``verify_countdown`` that never raises: malformed inputs score as format only."""
+    """``verify_countdown`` that never raises: malformed inputs score as format only (logged; train
+    and eval score through ``verify_countdown`` and count verifier errors instead)."""
     try:
         return verify_countdown(completion, numbers, target)
-    except Exception:
+    except Exception as err:
+        logger.warning(f"the countdown verifier raised {type(err).__name__}: {err}; scored as format only")
         return FORMAT_SCORE if isinstance(completion, str) and _ANSWER_CLOSE in completion else 0.0
+
+
+# ----------------------------------------------------------------------------- the registry's entries
+def countdown_task(name: str, template: str, path: str | None = None) -> Task:
+    """The generated Countdown task ``name`` (a VARIANTS name, "-dense" for nearness credit)."""
+    variant = name.removesuffix("-dense")
+    settings = VARIANTS[variant]
+    verify = verify_countdown_dense if name.endswith("-dense") else verify_countdown
+
+    def load(split: str, n: int | None, seed: int) -> list[dict]:
+        if n is None:
+            raise UserError("countdown is generated: give the number of instances n")
+        instances = generate_countdown(n, seed, split=split, **settings)
+        return [{"prompt": countdown_prompt(inst, template), "numbers": list(inst.numbers),
+                 "target": inst.target} for inst in instances]
+
+    def score(completion: str, row: dict) -> float:
+        return verify(completion, row["numbers"], row["target"])
+
+    splits = SPLITS if settings.get("final_fraction") else tuple(x for x in SPLITS if x != "final")
+    return Task(name, load, score, splits=splits)
+
+
+_ABOUT = {"countdown": "TinyZero's Countdown: 3 or 4 numbers, targets 10..100",
+          "countdown-easy": "3 numbers up to 20, targets 1..100 (EASY)",
+          "countdown-pairs": "2 numbers up to 50, one operation; a held-out final split (PAIRS)"}
+TASKS = (*(TaskEntry(name, _ABOUT[name], countdown_task) for name in VARIANTS),
+         *(TaskEntry(f"{name}-dense", f"{name} with partial credit for nearness", countdown_task) for name in VARIANTS))
+"""Every Countdown variant, then each with "-dense" (the order KNOWN_TASKS shows)."""

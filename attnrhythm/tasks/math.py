@@ -1,4 +1,5 @@
-"""Math answers: ``\\boxed{}`` extraction and math-verify scoring (docs/method.md section 7).
+"""Math answers: ``\\boxed{}`` extraction and math-verify scoring (docs/method.md section 7), and
+the tasks that use them (``gsm8k``, ``math-jsonl:PATH``).
 
 Reference scoring: keep the text after the last ``</think>``, take the last brace-balanced
 ``\\boxed{...}``, and compare it with the gold answer by ``math_verify.verify(gold, pred)`` (gold
@@ -15,6 +16,12 @@ from __future__ import annotations
 
 import re
 import threading
+
+from attnrhythm import data, log
+from attnrhythm.errors import UserError
+from attnrhythm.tasks.base import Task, TaskEntry, sample_rows
+
+logger = log.get_logger(__name__)
 
 MAX_TAIL = 20_000
 """Only the last MAX_TAIL characters of a completion are scanned (bounds time on huge inputs)."""
@@ -139,22 +146,35 @@ def verify_math(completion: str, gold: str, timeout_s: int | None = DEFAULT_TIME
 
 
 def score_math(completion: str, gold: str, timeout_s: int | None = DEFAULT_TIMEOUT_S) -> float:
-    """``verify_math`` that never raises: a verifier exception scores 0.0 (for callers that
-    cannot count errors; the trainer and `eval` use ``verify_math`` and count them)."""
+    """``verify_math`` that never raises: a verifier exception is logged and scores 0.0 (for
+    callers that cannot count errors; train and eval score through ``verify_math`` and count them)."""
     try:
         return verify_math(completion, gold, timeout_s)
-    except Exception:
+    except Exception as err:
+        logger.warning(f"the math verifier raised {type(err).__name__}: {err}; scored 0")
         return 0.0
 
 
-def gsm8k_gold(answer_text: str) -> str:
-    """The GSM8K gold answer: the text after the last ``####`` with commas and spaces removed.
+# ----------------------------------------------------------------------------- the registry's entries
+def problem_task(name: str, template: str, path: str | None = None) -> Task:
+    """GSM8K (``path`` None: the packaged test problems) or a math JSONL file, with the paper's prompt."""
+    def load(split: str, n: int | None, seed: int) -> list[dict]:
+        if path is None:  # packaged GSM8K: only its 100 test problems exist offline
+            if split != "test":
+                raise UserError("the packaged gsm8k has only a 'test' split; use "
+                                "math-jsonl:PATH or a Hugging Face id through attnrhythm.data")
+            problems = data.load_gsm8k()
+        else:  # a JSONL file is one split: `split` is not used
+            problems = data.load_jsonl_problems(path)
+        make = data.chat_messages if template == "chat" else data.paper_prompt
+        return [{"prompt": make(p), "id": p.id, "question": p.question, "gold": p.gold}
+                for p in sample_rows(problems, n, seed)]
 
-    Without ``####`` the stripped text is returned unchanged (a bare answer, e.g. from a JSONL
-    file), so LaTeX answers such as ``(1,2)`` keep their commas.
-    """
-    text = str(answer_text)
-    cut = text.rfind("####")
-    if cut < 0:
-        return text.strip()
-    return "".join(text[cut + 4 :].replace(",", "").split())
+    return Task(name, load, lambda completion, row: verify_math(completion, row["gold"]),
+                data_file=path, splits=("test",) if path is None else None)
+
+
+TASKS = (TaskEntry("gsm8k", "the 100 packaged GSM8K test problems (test split only), math-verify reward",
+                   problem_task),
+         TaskEntry("math-jsonl:PATH", "math problems of a JSONL file (question, answer), math-verify reward",
+                   problem_task))

@@ -51,7 +51,7 @@ class TrainConfig:
     model: str = "smollm2-135m"
     """Embedded name, local Hugging Face folder or hub id."""
     task: str = "countdown"
-    """A task name of attnrhythm.tasks (countdown, countdown-easy, countdown-pairs (add -dense for nearness credit), gsm8k, math-jsonl:PATH, choice-jsonl:PATH)."""
+    """A task name of the registry attnrhythm.tasks.TASKS (`attnrhythm train --help` lists them)."""
     template: str = "base"
     """Prompt template of the task: 'base' (plain text) or 'chat' (messages for an instruct model)."""
     train_size: int | None = None

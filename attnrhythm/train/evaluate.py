@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from attnrhythm import generation, io, log
 from attnrhythm.errors import UserError
 from attnrhythm.io import option
-from attnrhythm.tasks import get_task, score_completions
+from attnrhythm.tasks import check_verifier_errors, get_task, score_completions, task_help
 
 logger = log.get_logger(__name__)
 
@@ -107,10 +107,7 @@ def evaluate(model, tokenizer, task, n: int = 512, samples: int = 1, temperature
         rewards, failed = score_completions(task, completions, [row] * len(completions))
         scores.append(rewards)
         errors += failed
-    if errors:
-        logger.warning(f"the {task.name} verifier failed on {len(errors)} completions (scored 0); first: {errors[0]}")
-        if len(errors) == sum(map(len, texts)):
-            raise RuntimeError(f"the {task.name} verifier failed on every completion; first error: {errors[0]}")
+    check_verifier_errors(task.name, errors, sum(map(len, texts)))
     settings = {"task": task.name, "template": template, "split": split, "n": len(rows), "samples": samples,
                 "temperature": temperature, "greedy": not temperature, "max_new_tokens": max_new_tokens,
                 "batch_size": batch_size, "seed": seed}
@@ -151,7 +148,7 @@ class EvalSettings:
 
     model: str = option("smollm2-135m", "embedded name (smollm2-135m), model folder, run folder (its latest "
                         "checkpoint) or hub id")
-    task: str = option("countdown", "countdown, countdown-easy, countdown-pairs (add -dense for nearness credit), gsm8k, math-jsonl:PATH, choice-jsonl:PATH")
+    task: str = option("countdown", task_help())
     template: str = option("base", "prompt template: plain text or chat messages", choices=("base", "chat"))
     n: int = option(512, "test problems (the paper's Countdown test set: 512)")
     samples: int = option(1, "completions per problem: 1 = pass@1, k = avg@k and pass@k")

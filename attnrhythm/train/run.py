@@ -18,6 +18,7 @@ import re
 from attnrhythm import io, log
 from attnrhythm.core.credit import CREDIT_NAMES
 from attnrhythm.errors import MissingInput, UserError
+from attnrhythm.tasks import task_help
 from attnrhythm.train.config import TrainConfig, load_yaml, resolve_device, resolved, save_yaml, to_grpo_config
 
 logger = log.get_logger(__name__)
@@ -27,7 +28,7 @@ FLAGS = [
     ("--preset", "preset", str, ("cpu", "gpu", "paper"), "run sizes: cpu, gpu (one GPU) or the paper's "
      "(none: gpu with CUDA, else cpu)"),
     ("--model", "model", str, None, "embedded name (smollm2-135m), local model folder or hub id"),
-    ("--task", "task", str, None, "countdown, countdown-easy, countdown-pairs (add -dense for nearness credit), gsm8k, math-jsonl:PATH, choice-jsonl:PATH"),
+    ("--task", "task", str, None, task_help()),
     ("--template", "template", str, ("base", "chat"), "prompt template: plain text or chat messages"),
     ("--out", "out", str, None, "run folder"),
     ("--credit", "credit", str, CREDIT_NAMES, "credit strategy (none = plain GRPO)"),
@@ -147,18 +148,13 @@ def task_reward(task):
     on every completion of a batch the run stops: training on all-zero rewards would be silent
     garbage."""
     def task_reward(prompts, completions, log_metric=None, **columns):
-        from attnrhythm.tasks import score_completions
+        from attnrhythm.tasks import check_verifier_errors, score_completions
 
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         rows = [{k: v[i] for k, v in columns.items() if isinstance(v, list) and len(v) == len(completions)}
                 for i in range(len(completions))]
         rewards, errors = score_completions(task, texts, rows)
-        if errors:
-            logger.warning(f"the {task.name} verifier failed on {len(errors)} of {len(texts)} completions "
-                           f"(scored 0); first: {errors[0]}")
-        if errors and len(errors) == len(texts):
-            raise RuntimeError(f"the {task.name} verifier failed on every completion of the batch ({len(errors)}); "
-                               f"first error: {errors[0]}")
+        check_verifier_errors(task.name, errors, len(texts), " of the batch")
         if log_metric is not None:
             log_metric("accuracy", sum(r >= 1.0 for r in rewards) / max(1, len(rewards)))
             log_metric("reward/errors", float(len(errors)))
