@@ -1,5 +1,6 @@
 """credit.py against float64 pure-Python loop re-implementations of docs/method.md section 4,
-plus hand-checked examples."""
+plus hand-checked examples.  Every strategy is reached through the registry (``credit_gamma``),
+its one implementation."""
 import math
 import statistics
 from fractions import Fraction
@@ -9,11 +10,25 @@ import pytest
 import torch
 
 from attnrhythm.core.config import RhythmConfig
-from attnrhythm.core.credit import (apply_sign, coupled_gamma, coupled_sets, credit_gamma, entropy_gamma,
-                               gamma_statistics, global_anchor_gamma, high_entropy_selection_mask,
-                               local_chunk_gamma, masked_median, random_gamma, top_q_mask)
+from attnrhythm.core.credit import (CREDITS, STRATEGIES, apply_sign, coupled_sets, credit_gamma, credit_sets,
+                                    gamma_statistics, high_entropy_selection_mask, masked_median, shape_advantages,
+                                    top_q_mask)
 
 NAN = math.nan
+
+
+def gamma_of(strategy, mask=None, *, waad=None, fai=None, delta=None, entropy=None, **config):
+    """The registry's gamma for series given one by one (``[T]`` with mask None, or ``[B, T]``);
+    ``config``: RhythmConfig fields (q, amp, k, alpha, selection).  Shaped and typed like the
+    first series given."""
+    like = next(x for x in (waad, fai, delta, entropy) if x is not None)
+    r = SimpleNamespace(waad=torch.zeros_like(like) if waad is None else waad, fai=fai, delta=delta, mask=mask)
+    return credit_gamma(r, strategy, RhythmConfig(**config), entropy=entropy)
+
+
+def coupled_gamma(waad, fai, delta, mask, q=0.4, amp=1.5, k=3, alpha=0.5, selection="top"):
+    return gamma_of("coupled", mask, waad=waad, fai=fai, delta=delta, q=q, amp=amp, k=k, alpha=alpha,
+                    selection=selection)
 
 
 # ---------------------------------------------------------------- reference loops (docs/method.md text)
@@ -136,8 +151,8 @@ def test_hand_example_a():
     # bottom ablation: T_loc = {0,3,6,7} (tau_delta 0), T_glob = {1, 2, 0}; anchor 1 (WAAD 2) is
     # dominated with intro 0, which is also a plain anchor -> 1 + 0.5 + 0.25
     assert coupled_gamma(waad, fai, delta, None, selection="bottom").tolist() == [1.75, 1.25, 1.5, 1, 1, 1, 1, 1]
-    assert local_chunk_gamma(delta, None).tolist() == [1, 1.5, 1.5, 1, 1.5, 1.5, 1, 1]
-    assert global_anchor_gamma(fai, None).tolist() == [1.5, 1, 1, 1.5, 1.5, 1, 1, 1]
+    assert gamma_of("local", delta=delta).tolist() == [1, 1.5, 1.5, 1, 1.5, 1.5, 1, 1]
+    assert gamma_of("global", fai=fai).tolist() == [1.5, 1, 1, 1.5, 1.5, 1, 1, 1]
 
 
 def test_hand_example_b_intro_tie_goes_later_and_terms_add():
@@ -202,9 +217,9 @@ def test_continuous_values_match_reference():
 def test_local_global_entropy_match_reference(seed):
     waad, fai, delta, entropy, mask, lengths = random_batch(seed)
     for selection in ("top", "bottom"):
-        loc = local_chunk_gamma(delta, mask, 0.4, 1.5, selection)
-        glo = global_anchor_gamma(fai, mask, 0.4, 1.5, selection)
-        ent = entropy_gamma(entropy, mask, 0.4, 1.5, selection)
+        loc = gamma_of("local", mask, delta=delta, selection=selection)
+        glo = gamma_of("global", mask, fai=fai, selection=selection)
+        ent = gamma_of("entropy", mask, entropy=entropy, selection=selection)
         for b, n in enumerate(lengths.tolist()):
             for gamma, series in ((loc, delta), (glo, fai), (ent, entropy)):
                 chosen = ref_top_q(series[b].double().tolist(), n, 0.4, selection)
@@ -217,22 +232,26 @@ def test_credit_gamma_dispatch():
     r = SimpleNamespace(waad=waad, fai=fai, delta=delta, mask=mask)
     cfg = RhythmConfig(q=0.4, amp=1.5, k=2, alpha=0.25)
     assert (credit_gamma(r, "none", cfg) == 1).all()
-    assert torch.equal(credit_gamma(r, "local", cfg), local_chunk_gamma(delta, mask))
-    assert torch.equal(credit_gamma(r, "global", cfg), global_anchor_gamma(fai, mask))
-    assert torch.equal(credit_gamma(r, "coupled", cfg), coupled_gamma(waad, fai, delta, mask, k=2, alpha=0.25))
-    assert torch.equal(credit_gamma(r, "entropy", cfg, entropy=entropy), entropy_gamma(entropy, mask))
-    bottom = cfg.replace(selection="bottom")
-    assert torch.equal(credit_gamma(r, "coupled", bottom),
-                       coupled_gamma(waad, fai, delta, mask, k=2, alpha=0.25, selection="bottom"))
+    for selection in ("top", "bottom"):
+        gamma = credit_gamma(r, "coupled", cfg.replace(selection=selection))
+        for b, n in enumerate(lengths.tolist()):
+            ref, _ = ref_coupled(waad[b].double().tolist(), fai[b].double().tolist(), delta[b].double().tolist(),
+                                 n, 0.4, 1.5, 2, 0.25, selection)
+            assert gamma[b].tolist() == pytest.approx(ref, abs=1e-6)
     with pytest.raises(ValueError, match="entropy"):
         credit_gamma(r, "entropy", cfg)
     with pytest.raises(ValueError, match="unknown credit strategy"):
         credit_gamma(r, "anchors", cfg)
     # entropy falls back to r.entropy; a 1-D response without mask works
+    passed = credit_gamma(r, "entropy", cfg, entropy=entropy)
     r.entropy = entropy
-    assert torch.equal(credit_gamma(r, "entropy", cfg), entropy_gamma(entropy, mask))
+    assert torch.equal(credit_gamma(r, "entropy", cfg), passed)
     one = SimpleNamespace(waad=waad[0], fai=fai[0], delta=delta[0])
-    assert torch.equal(credit_gamma(one, "coupled", cfg), coupled_gamma(waad[0], fai[0], delta[0], None, k=2, alpha=0.25))
+    assert torch.equal(credit_gamma(one, "coupled", cfg), credit_gamma(r, "coupled", cfg)[0])  # row 0 is full length
+    # the sets behind the gamma are the ones coupled_sets defines
+    _, sets = credit_sets(r, "coupled", cfg)
+    ref = coupled_sets(waad, fai, delta, mask, 0.4, 2)
+    assert all(torch.equal(sets[n], ref[n]) for n in ("local", "anchor", "dominated", "intro"))
 
 
 def test_random_credit_is_seeded_and_sized():
@@ -245,7 +264,7 @@ def test_random_credit_is_seeded_and_sized():
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert (a == 2.0).sum(-1).tolist() == [12, 5, 0]
     assert (a[~mask] == 1).all()
-    assert (random_gamma(mask, 1.0, 2.0)[mask] == 2.0).all()
+    assert (gamma_of("random", mask, waad=torch.zeros(3, 30), q=1.0, amp=2.0)[mask] == 2.0).all()  # global RNG
 
 
 # ---------------------------------------------------------------- signs, baselines, logging
@@ -271,6 +290,21 @@ def test_high_entropy_selection(seed):
     per_resp = high_entropy_selection_mask(entropy, mask, 0.2, per="response")
     for b, n in enumerate(lengths.tolist()):
         assert as_set(per_resp[b]) == ref_top_q(entropy[b].double().tolist(), n, 0.2)
+
+
+def test_shape_advantages_is_apply_sign_and_for_a_batch_level_credit_its_kept_tokens():
+    _, _, _, entropy, mask, _ = random_batch(5, B=4, T=25)
+    advantages = torch.tensor([1.0, -2.0, 0.5, -0.25])
+    gamma = torch.where(mask, 1.5, 1.0)
+    cfg = RhythmConfig(sign="positive")
+    for name in STRATEGIES:
+        shaped, sets = shape_advantages(name, advantages, gamma, mask, cfg, entropy)
+        assert torch.equal(shaped, apply_sign(advantages, gamma, "positive")) and sets == {}
+    assert [n for n in CREDITS if n not in STRATEGIES] == ["high-entropy-selection"]
+    shaped, sets = shape_advantages("high-entropy-selection", advantages, torch.ones_like(gamma), mask, cfg, entropy)
+    kept = high_entropy_selection_mask(entropy, mask, cfg.high_entropy_share)
+    assert torch.equal(sets["kept"], kept) and 0 < int(kept.sum()) == math.ceil(0.2 * int(mask.sum()))
+    assert torch.equal(shaped, torch.where(kept, advantages[:, None], 0.0))
 
 
 def test_gamma_statistics():

@@ -9,6 +9,10 @@ is valid).  Every gamma returned here is detached, float, and exactly 1.0 on pad
     T_glob = TopQ(FAI, q)               global-anchor credit (anchor tokens)
     coupled: anchors dominated by a preplan token just before them hand part of their
              amplification to that token (see ``coupled_sets``).
+
+The registry ``CREDITS`` holds each strategy's one implementation: ``credit_gamma`` /
+``credit_sets`` give a per-token strategy's gamma (and sets) on one chunk, ``shape_advantages``
+turns a rollout batch's gamma into advantages and applies a batch-level strategy's ``keep``.
 """
 from __future__ import annotations
 
@@ -27,30 +31,6 @@ from attnrhythm.errors import unknown_name
 
 def _gamma_from_set(selected: Tensor, amp: float, dtype: torch.dtype) -> Tensor:
     return 1.0 + (amp - 1.0) * selected.to(dtype)
-
-
-def local_chunk_gamma(delta: Tensor, mask: Tensor | None, q: float = 0.4, amp: float = 1.5,
-                      selection: str = "top") -> Tensor:
-    """Local-chunk credit: ``gamma = 1 + (amp-1) [t in TopQ(delta, q)]``.
-
-    Args:
-        delta: ``[B, T]`` or ``[T]`` |WAAD[t] - WAAD[t+1]| (last real token 0: it counts as a
-            token with delta 0; pass NaN there to exclude it).
-        mask: bool like ``delta`` or None.
-    Returns:
-        float gamma like ``delta`` (1.0 on padding).
-    """
-    dtype = delta.dtype if delta.is_floating_point() else torch.float32
-    return _gamma_from_set(top_q_mask(delta.detach(), mask, q, selection), amp, dtype)
-
-
-def global_anchor_gamma(fai: Tensor, mask: Tensor | None, q: float = 0.4, amp: float = 1.5,
-                        selection: str = "top") -> Tensor:
-    """Global-anchor credit: ``gamma = 1 + (amp-1) [t in TopQ(FAI, q)]`` (NaN FAI never selected).
-
-    Shapes as ``local_chunk_gamma``.
-    """
-    return _gamma_from_set(top_q_mask(fai.detach(), mask, q, selection), amp, fai.dtype)
 
 
 def masked_median(x: Tensor, valid: Tensor) -> Tensor:
@@ -120,65 +100,24 @@ def coupled_sets(waad: Tensor, fai: Tensor, delta: Tensor, mask: Tensor | None, 
     return out
 
 
-def coupled_gamma(waad: Tensor, fai: Tensor, delta: Tensor, mask: Tensor | None, q: float = 0.4,
-                  amp: float = 1.5, k: int = 3, alpha: float = 0.5, selection: str = "top") -> Tensor:
-    """Coupled rhythm credit::
-
-        gamma_t = 1 + (amp-1) [t in T_glob \\ D] + (1-alpha)(amp-1) [t in D] + alpha (amp-1) [t in I(D)]
-
-    Terms add where sets overlap (an intro token that is also a non-dominated anchor gets both).
-    Shapes as ``coupled_sets``; returns float gamma like ``waad`` (1.0 on padding).
-    """
-    s = coupled_sets(waad, fai, delta, mask, q, k, selection)
-    return coupled_gamma_from_sets(s, amp, alpha).to(waad.dtype if waad.is_floating_point() else torch.float32)
-
-
-def coupled_gamma_from_sets(s: dict[str, Tensor], amp: float = 1.5, alpha: float = 0.5) -> Tensor:
-    """The coupled gamma (float64) of the sets ``coupled_sets`` returned."""
-    gain = amp - 1.0
-    return (1.0 + gain * (s["anchor"] & ~s["dominated"]).double()
-            + (1 - alpha) * gain * s["dominated"].double() + alpha * gain * s["intro"].double())
-
-
-def random_gamma(mask: Tensor, q: float = 0.4, amp: float = 1.5, generator: torch.Generator | None = None,
-                 selection: str = "top") -> Tensor:
-    """Random credit: TopQ over a uniform random score.  ``mask``: bool ``[B, T]`` or ``[T]``.
-
-    ``generator=None`` draws from torch's global RNG (reproducible under ``torch.manual_seed``).
-    """
-    return _gamma_from_set(random_set(mask, q, generator, selection), amp, torch.float32)
-
-
-def random_set(mask: Tensor, q: float = 0.4, generator: torch.Generator | None = None,
-               selection: str = "top") -> Tensor:
-    """TopQ over a uniform random score (the tokens random credit amplifies)."""
-    device = generator.device if generator is not None else mask.device
-    score = torch.rand(mask.shape, generator=generator, device=device, dtype=torch.float64).to(mask.device)
-    return top_q_mask(score, mask, q, selection)
-
-
-def entropy_gamma(entropy: Tensor, mask: Tensor | None, q: float = 0.4, amp: float = 1.5,
-                  selection: str = "top") -> Tensor:
-    """High-entropy credit: ``gamma = 1 + (amp-1) [t in TopQ(H, q)]``.  Shapes as ``local_chunk_gamma``."""
-    return _gamma_from_set(top_q_mask(entropy.detach(), mask, q, selection), amp, entropy.dtype)
-
-
 @dataclass(frozen=True)
 class CreditStrategy:
     """One credit strategy of the registry ``CREDITS``.
 
-    ``select(r, mask, config, entropy, generator)`` returns (gamma, sets): float64 gamma like
-    ``r.waad`` (1 on padding) and the named bool token sets behind it (logged by the trainer as
-    ``rhythm/set_<name>``).  ``needs_entropy``: capture must compute token entropy.
-    ``keeps_batch_share``: the strategy keeps the policy gradient only on a batch-level selection
-    (``high_entropy_selection_mask``) instead of scaling advantages.
+    ``select(r, mask, config, entropy, generator)`` is the per-token credit of one capture chunk:
+    (gamma, sets), a float64 gamma like ``r.waad`` (1 on padding) and the named bool token sets
+    behind it (logged by the trainer as ``rhythm/set_<name>``).  ``needs_entropy``: capture must
+    compute token entropy.  ``keep(entropy, mask, config)`` makes it a batch-level credit: the bool
+    ``[B, C]`` tokens of the whole rollout batch that keep their policy gradient (every other
+    token's advantage becomes 0; logged as ``rhythm/set_kept``); None for a per-token credit.
+    ``shape_advantages`` applies both, so the trainer never asks which kind a strategy is.
     """
 
     name: str
     description: str
     select: Callable
     needs_entropy: bool = False
-    keeps_batch_share: bool = False
+    keep: Callable | None = None
 
 
 def _entropy_of(r, entropy):
@@ -201,14 +140,25 @@ def _none(r, mask, c, entropy, generator):
 
 
 def _random(r, mask, c, entropy, generator):
-    chosen = random_set(mask, c.q, generator, c.selection)
+    """TopQ over a uniform random score (``generator=None``: torch's global RNG)."""
+    device = generator.device if generator is not None else mask.device
+    score = torch.rand(mask.shape, generator=generator, device=device, dtype=torch.float64).to(mask.device)
+    chosen = top_q_mask(score, mask, c.q, c.selection)
     return _gamma_from_set(chosen, c.amp, torch.float64), {"random": chosen}
 
 
 def _coupled(r, mask, c, entropy, generator):
-    sets = coupled_sets(r.waad, r.fai, r.delta, mask, c.q, c.k, c.selection)
-    names = ("local", "anchor", "dominated", "intro")
-    return coupled_gamma_from_sets(sets, c.amp, c.alpha), {n: sets[n] for n in names}
+    """``gamma_t = 1 + (amp-1) [t in T_glob \\ D] + (1-alpha)(amp-1) [t in D] + alpha (amp-1) [t in I(D)]``:
+    terms add where sets overlap (an intro token that is also a non-dominated anchor gets both)."""
+    s = coupled_sets(r.waad, r.fai, r.delta, mask, c.q, c.k, c.selection)
+    gain = c.amp - 1.0
+    gamma = (1.0 + gain * (s["anchor"] & ~s["dominated"]).double()
+             + (1 - c.alpha) * gain * s["dominated"].double() + c.alpha * gain * s["intro"].double())
+    return gamma, {n: s[n] for n in ("local", "anchor", "dominated", "intro")}
+
+
+def _high_entropy_share(entropy, mask, c):
+    return high_entropy_selection_mask(entropy, mask, c.high_entropy_share)
 
 
 _STRATEGIES = [
@@ -222,14 +172,14 @@ _STRATEGIES = [
     CreditStrategy("coupled", "coupled rhythm credit: anchors dominated by a preplan token share their credit with it",
                    _coupled),
     CreditStrategy("high-entropy-selection", "Wang et al. 2025: only the top entropy share of the batch keeps its "
-                   "policy gradient", _none, needs_entropy=True, keeps_batch_share=True),
+                   "policy gradient", _none, needs_entropy=True, keep=_high_entropy_share),
 ]
 CREDITS: dict[str, CreditStrategy] = {s.name: s for s in _STRATEGIES}
 """The registry: the only list of credit strategy names (train config, trainer and CLI read it).
 A new strategy is one ``CreditStrategy`` added here."""
 CREDIT_NAMES = tuple(CREDITS)
-STRATEGIES = tuple(n for n, s in CREDITS.items() if not s.keeps_batch_share)
-"""The strategies ``credit_gamma`` turns into a per-token gamma."""
+STRATEGIES = tuple(n for n, s in CREDITS.items() if s.keep is None)
+"""The per-token strategies (``credit_gamma`` is all of their credit)."""
 
 
 def get_credit(name: str) -> CreditStrategy:
@@ -287,6 +237,27 @@ def apply_sign(advantages: Tensor, gamma: Tensor, sign: str = "both") -> Tensor:
     else:
         allowed = a >= 0 if sign == "positive" else a < 0
     return a * torch.where(allowed, gamma.to(a.dtype), torch.ones_like(gamma, dtype=a.dtype))
+
+
+def shape_advantages(strategy: str, advantages: Tensor, gamma: Tensor, mask: Tensor, config: RhythmConfig,
+                     entropy: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """The per-token advantages of one rollout batch and the batch-level token sets behind them.
+
+    ``A_i * gamma_t`` where the sign mode allows (``apply_sign``); a batch-level strategy (``keep``)
+    then zeroes every token outside the ones it keeps over the whole batch, returned as the set
+    ``kept``.
+
+    Args:
+        advantages: ``[B]``; gamma, mask (bool), entropy (NaN where not captured): ``[B, C]``.
+    Returns:
+        (``[B, C]`` advantages in ``advantages.dtype``, ``{}`` or ``{"kept": bool [B, C]}``).
+    """
+    shaped = apply_sign(advantages, gamma, config.sign)
+    keep = get_credit(strategy).keep
+    if keep is None:
+        return shaped.to(advantages.dtype), {}
+    kept = keep(entropy, mask, config)
+    return (shaped * kept.to(shaped.dtype)).to(advantages.dtype), {"kept": kept}
 
 
 def high_entropy_selection_mask(entropy: Tensor, mask: Tensor | None, share: float = 0.2,

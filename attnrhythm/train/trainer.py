@@ -4,30 +4,31 @@ TRL 1.16's ``_generate_and_score_completions`` generates, rewards and returns th
 (``prompt_ids`` [B, P] left-padded, ``completion_ids``/``completion_mask`` [B, C] right-padded
 and cut after the first EOS, ``advantages`` A_i [B]).  Its ``_compute_loss`` accepts advantages
 of shape (B, C) as they are (it unsqueezes only 1-D ones, "to support subclasses"), so the whole
-method is one override of that method: run ``capture_statistics`` of the current policy over
-prompt + completion, compute gamma and hand TRL ``A_i * gamma_t``.  ``credit='none'`` must give
-stock TRL's loss exactly; tests/test_trainer.py checks it so that a TRL upgrade that breaks the
-contract fails CI.
+method is one override of that method: take the attention statistics of the current policy over
+prompt + completion, compute the credit and hand TRL the shaped advantages
+(``core.credit.shape_advantages``: ``A_i * gamma_t``, or a batch-level credit's kept tokens).
+``credit='none'`` must give stock TRL's loss exactly; tests/test_trainer.py checks it so that a
+TRL upgrade that breaks the contract fails CI.
 
-No extra forward (``CreditConfig.one_pass``, the default): when TRL runs its no-grad
-old-log-prob pass over prompt + completion (``gradient_accumulation_steps`` not a multiple of
-``steps_per_generation * num_iterations``, our default), ``_get_per_token_logps_and_entropies``
-runs it inside ``capture.in_pass.statistics_in_pass``: the statistics of the sampled layers and
-the token entropy come from that same forward, TRL's log-probs stay bitwise what TRL computes.
-When TRL skips that pass (or it carries vision inputs, or the model is not on SDPA, or the
-statistics fail there) ``_gamma`` runs the separate capture as before, with full parameters
-gathered.  tests/test_trainer.py checks gamma, log-probs and loss against the two-pass path.
+No extra forward (``one_pass``, the default): when TRL runs its no-grad old-log-prob pass over
+prompt + completion (``gradient_accumulation_steps`` not a multiple of ``steps_per_generation *
+num_iterations``, our default), ``_get_per_token_logps_and_entropies`` runs it inside
+``capture.in_pass.statistics_in_pass``: the statistics of the sampled layers and the token
+entropy come from that same forward, TRL's log-probs stay bitwise what TRL computes.  When TRL
+skips that pass (or it carries vision inputs, or the model is not on SDPA, or the statistics fail
+there) ``_gamma`` runs a separate capture, with full parameters gathered.  tests/test_trainer.py
+checks gamma, log-probs and loss against the two-pass path.
 
 Two more overrides keep the learning signal honest: ``_calculate_rewards`` keeps the rewards so
 that a group whose rewards are all equal gets an advantage of exactly 0 (``zero_equal_groups``;
-TRL's float32 arithmetic leaves ~1e-4 residues there that Adam turns into full steps), and the
-share of groups with a signal is logged per rollout batch, with the rhythm drift (``drift.py``),
-optionally the KL to the starting model, and a few rollouts token by token (``rollouts.jsonl``).
+TRL's float32 arithmetic leaves ~1e-4 residues there that Adam turns into full steps).  Per
+rollout batch the trainer logs the share of groups with a signal, the rhythm drift (``drift.py``,
+summed in a ``RolloutSummary``), optionally the KL to the starting model, and writes a few
+rollouts token by token (``rollouts.jsonl``, for `attnrhythm credit-view`).
 
-The other overrides are bookkeeping: ``log`` (the share of step time of ``rhythm/attention_s``:
+The other overrides are bookkeeping: ``log`` (``rhythm/attention_s`` as a share of step time:
 two-pass, the separate capture + metrics + gamma; one-pass, the statistics work timed inside
-TRL's pass, i.e. the sampled layers' block loops and the entropy, + metrics + gamma; TRL's own
-forward is not counted; ``rhythm/one_pass`` says which),
+TRL's pass + metrics + gamma; TRL's own forward is not counted; ``rhythm/one_pass`` says which),
 ``_save_checkpoint`` / ``_load_optimizer_and_scheduler`` (fixed head sets survive --resume, the
 pattern TRL uses for its entropy controller).
 """
@@ -37,8 +38,7 @@ import contextlib
 import math
 import os
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import field, fields, make_dataclass
 
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -49,59 +49,41 @@ from attnrhythm import io, log
 from attnrhythm.capture import capture_statistics
 from attnrhythm.capture.in_pass import statistics_in_pass
 from attnrhythm.capture.in_pass import supported as in_pass_supported
-from attnrhythm.core.config import RhythmConfig
-from attnrhythm.core.credit import (apply_sign, credit_sets, gamma_statistics_from_sums, gamma_sums,
-                                    get_credit, high_entropy_selection_mask)
+from attnrhythm.core.credit import credit_sets, gamma_statistics_from_sums, gamma_sums, get_credit, shape_advantages
 from attnrhythm.core.heads import HeadSets
 from attnrhythm.core.metrics import calibration_distance, heads_from_distance, rhythm_from_stats
 from attnrhythm.train.callbacks import CompactProgress, MetricsJsonl, truncate_metrics  # noqa: F401 (re-exported)
-from attnrhythm.train.drift import SERIES_KEYS, drift_metrics, head_sets, series_sums
+from attnrhythm.train.config import TrainConfig
+from attnrhythm.train.drift import SERIES_KEYS, RolloutSummary, drift_metrics, head_sets, rollout_rows
 
 RHYTHM_STATE = "rhythm_state.json"
 ROLLOUTS = "rollouts.jsonl"
 logger = log.get_logger(__name__)
 
 
-@dataclass
-class CreditConfig:
-    """How the trainer shapes advantages (docs/method.md section 4)."""
+CREDIT_FIELDS = ("rhythm", "head_refresh_steps", "capture_batch_size", "capture_with_none", "zero_equal_groups",
+                 "kl_to_start", "rollout_samples", "one_pass")
+"""The TrainConfig fields the trainer reads; CreditConfig takes them, defaults and all, from there."""
 
-    strategy: str = "none"
-    rhythm: RhythmConfig = field(default_factory=RhythmConfig)
-    head_refresh_steps: int = 50
-    """head_mode='fixed': re-classify heads on the current rollout batch every K optimizer steps."""
-    capture_batch_size: int | None = None
-    """Sequences per chunk of the separate attention pass; None = per_device_train_batch_size (as
-    TRL's log-prob pass, whose chunks the one-pass statistics use)."""
-    capture_with_none: bool = False
-    """Also run (and time) the attention pass for strategy 'none'; gamma stays exactly 1."""
-    zero_equal_groups: bool = True
-    """Give every completion of a group whose rewards are all equal an advantage of exactly 0.
-    TRL computes (r - mean) / (std + 1e-4) in float32, and the float32 mean of eight rewards of
-    0.1 is not exactly 0.1: each completion of such a signal-free group would get about -7e-5,
-    which Adam normalises into full-size steps on no signal.  False = stock TRL arithmetic."""
-    kl_to_start: bool = False
-    """Log ``rollout/kl_to_start``, the mean per-token KL (k3 estimate) of the policy to the starting
-    model on each rollout batch.  Keeps a frozen copy of the starting model and costs one forward
-    over the rollout; it never enters the loss."""
-    rollout_samples: int = 2
-    """Completions per rollout batch written to DIR/rollouts.jsonl (tokens, gamma, credit sets)
-    for `attnrhythm credit-view`; 0 = none."""
-    one_pass: bool = True
-    """Take the statistics inside TRL's own old-log-prob forward when TRL runs it (no extra
-    forward; ``capture/in_pass.py``); the separate attention pass runs only when TRL skips that
-    pass or its inputs are not plain text.  Logged as ``rhythm/one_pass``."""
 
-    def __post_init__(self) -> None:
-        get_credit(self.strategy)  # an unknown name is a UserError naming the closest one
+def _check_strategy(self) -> None:
+    get_credit(self.strategy)  # an unknown name is a UserError naming the closest one
 
-    @classmethod
-    def of(cls, config) -> "CreditConfig":
-        """The credit part of a TrainConfig."""
-        return cls(strategy=config.credit, rhythm=config.rhythm, head_refresh_steps=config.head_refresh_steps,
-                   capture_batch_size=config.capture_batch_size, capture_with_none=config.capture_with_none,
-                   zero_equal_groups=config.zero_equal_groups, kl_to_start=config.kl_to_start,
-                   rollout_samples=config.rollout_samples, one_pass=config.one_pass)
+
+def _of(cls, config) -> "CreditConfig":
+    """The credit part of a TrainConfig."""
+    return cls(strategy=config.credit, **{name: getattr(config, name) for name in CREDIT_FIELDS})
+
+
+CreditConfig = make_dataclass(
+    "CreditConfig",
+    [("strategy", str, field(default="none"))]
+    + [(f.name, f.type, field(default=f.default, default_factory=f.default_factory))
+       for f in fields(TrainConfig) if f.name in CREDIT_FIELDS],
+    namespace={"__post_init__": _check_strategy, "of": classmethod(_of), "__module__": __name__,
+               "__doc__": "How the trainer shapes advantages (docs/method.md section 4): ``strategy`` (a name "
+                          "of core.credit.CREDITS, TrainConfig's ``credit``; default 'none', plain GRPO) and "
+                          "TrainConfig's CREDIT_FIELDS, documented there."})
 
 
 class RhythmGRPOTrainer(GRPOTrainer):
@@ -148,16 +130,19 @@ class RhythmGRPOTrainer(GRPOTrainer):
             output["advantages"] = advantages[:, None].expand(-1, output["completion_ids"].size(1)).contiguous()
             return output
         start = time.perf_counter()
-        gamma, keep, info = self._gamma(output)
+        gamma, entropy, summary = self._gamma(output)
         in_pass = self._pass_capture.seconds if self._pass_capture is not None else 0.0  # also when it failed
         self._pass_capture = None
-        shaped = apply_sign(advantages, gamma, self.credit.rhythm.sign)
-        if keep is not None:  # Wang et al.: no policy gradient outside the kept tokens
-            shaped = shaped * keep
-        output["advantages"] = shaped.to(advantages.dtype)
-        if shaped.is_cuda:
-            torch.cuda.synchronize(shaped.device)
-        self._record(time.perf_counter() - start + in_pass, gamma, keep, info, output["completion_mask"].bool())
+        valid = output["completion_mask"].bool()
+        # a batch-level credit (Wang et al.) also returns the tokens that keep their policy gradient
+        output["advantages"], batch_sets = shape_advantages(self.credit.strategy, advantages, gamma, valid,
+                                                            self.credit.rhythm, entropy)
+        for name, chosen in batch_sets.items():
+            summary.sets[name] += int((chosen & valid).sum())
+        if advantages.is_cuda:
+            torch.cuda.synchronize(advantages.device)
+        self._record(time.perf_counter() - start + in_pass, gamma, summary, valid)
+        self._write_samples(summary)
         return output
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
@@ -252,7 +237,8 @@ class RhythmGRPOTrainer(GRPOTrainer):
 
     @torch.no_grad()
     def _gamma(self, output):
-        """gamma [B, C] (1 on padding), keep mask [B, C] or None, and logging counts."""
+        """gamma [B, C] (1 on padding), token entropy [B, C] (NaN where not captured) and the
+        rollout's RolloutSummary."""
         prompt_ids, prompt_mask = output["prompt_ids"], output["prompt_mask"]
         completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
         ids = torch.cat([prompt_ids, completion_ids], 1)
@@ -263,14 +249,12 @@ class RhythmGRPOTrainer(GRPOTrainer):
         cfg, strategy = self.credit.rhythm, get_credit(self.credit.strategy)
         gamma = torch.ones(batch, width, device=ids.device)
         entropy = torch.full((batch, width), math.nan, device=ids.device)
-        info = {"sets": Counter(), "local": Counter(), "global": Counter(), "distance": torch.zeros(2), "n_seq": 0,
-                "series": Counter(), "distance_sum": None, "layers": None, "samples": []}
         # a private, step-seeded generator: random credit is reproducible across --resume and
         # never shifts the global RNG that TRL samples completions with
         generator = torch.Generator().manual_seed(
             self.args.seed * 1_000_003 + self.state.global_step * 7919 + self.accelerator.process_index)
         chunks = self._pass_chunks(ids, mask)
-        info["one_pass"] = chunks is not None
+        summary = RolloutSummary(one_pass=chunks is not None)
         with contextlib.nullcontext() if chunks is not None else self._gathered_policy() as model:
             for s, stats in chunks if chunks is not None else self._separate_pass(model, ids, mask):
                 sl = slice(s, s + stats.valid.shape[0])
@@ -281,16 +265,14 @@ class RhythmGRPOTrainer(GRPOTrainer):
                 cols = r.positions[rows, js] - offset
                 g, sets = credit_sets(r, strategy.name, cfg, generator=generator)
                 gamma[s + rows, cols] = g[rows, js].to(gamma.dtype)
-                for name, chosen in sets.items():
-                    info["sets"][name] += int((chosen & r.mask).sum())
                 if r.entropy is not None:
                     entropy[s + rows, cols] = r.entropy[rows, js].float()
-                self._count(info, r, cfg.peak_q)
-                self._keep_samples(info, r, sets, gamma, s, offset, output)
-        keep = None
-        if strategy.keeps_batch_share:  # ranks this process's rollout batch together
-            keep = high_entropy_selection_mask(entropy, completion_mask.bool(), cfg.high_entropy_share).float()
-        return gamma, keep, info
+                summary.add(r, sets, cfg.peak_q)
+                want = self.credit.rollout_samples - len(summary.samples)
+                if want > 0 and self.accelerator.is_main_process:
+                    summary.samples += rollout_rows(self.processing_class, r, sets, gamma[sl], completion_ids[sl],
+                                                    output["advantages"][sl], offset, want)
+        return gamma, entropy, summary
 
     def _separate_pass(self, model, ids, mask):
         """The separate attention pass, chunk by chunk: (first row, stats)."""
@@ -312,40 +294,6 @@ class RhythmGRPOTrainer(GRPOTrainer):
             self._heads, self._heads_step = heads_from_distance(distance, self.credit.rhythm), step
         return self._heads
 
-    def _keep_samples(self, info, r, sets, gamma, start, offset, output) -> None:
-        """The first ``rollout_samples`` completions, token by token, for the credit view."""
-        want = self.credit.rollout_samples - len(info["samples"])
-        if want <= 0 or not self.accelerator.is_main_process:
-            return
-        for b in range(min(want, r.mask.shape[0])):
-            n = int(r.mask[b].sum())
-            cols = (r.positions[b, :n] - offset).tolist()
-            ids = output["completion_ids"][start + b, cols].tolist()
-            info["samples"].append({
-                "tokens": [self.processing_class.decode([i]) for i in ids],
-                "gamma": [round(float(gamma[start + b, c]), 4) for c in cols],
-                "sets": ["+".join(name for name, chosen in sets.items() if chosen[b, j]) for j in range(n)],
-                "waad": [round(float(x), 4) for x in r.waad[b, :n]],
-                "fai": [None if x != x else round(float(x), 6) for x in r.fai[b, :n].tolist()],
-                "advantage": float(output["advantages"][start + b]),
-            })
-
-    @staticmethod
-    def _count(info, r, peak_q: float) -> None:
-        """Head groups, their mean distances and the drift sums of one capture chunk."""
-        info["series"].update(series_sums(r.waad, r.fai, r.mask, peak_q))
-        d_sum = torch.nan_to_num(r.head_distance.float().cpu(), nan=0.0).sum(0)
-        info["distance_sum"] = d_sum if info["distance_sum"] is None else info["distance_sum"] + d_sum
-        info["layers"] = list(r.layers)
-        for b in range(r.mask.shape[0]):
-            local, global_ = r.local_heads[b], r.global_heads[b]
-            info["local"].update((r.layers[l], h) for l, h in local)
-            info["global"].update((r.layers[l], h) for l, h in global_)
-            d = r.head_distance[b].float().cpu()
-            info["distance"] += torch.tensor([d[tuple(zip(*local))].mean() if local else math.nan,
-                                              d[tuple(zip(*global_))].mean() if global_ else math.nan])
-            info["n_seq"] += 1
-
     # ------------------------------------------------------------------ logging
     def _summed(self, values: dict[str, float]) -> dict[str, float]:
         """``values`` summed over processes (one all-gather of a small vector, keys in sorted order)."""
@@ -353,13 +301,13 @@ class RhythmGRPOTrainer(GRPOTrainer):
         local = torch.tensor([float(values[n]) for n in names], dtype=torch.float64, device=self.accelerator.device)
         return dict(zip(names, self.accelerator.gather(local[None]).sum(0).tolist()))
 
-    def _record(self, seconds, gamma, keep, info, valid) -> None:
+    def _record(self, seconds, gamma, summary: RolloutSummary, valid) -> None:
         """Rhythm metrics into TRL's logs, summed over ranks."""
         mode = "train" if self.model.training else "eval"
         total = self._summed({**{f"gamma/{k}": v for k, v in gamma_sums(gamma, valid).items()},
-                              "kept": keep[valid].sum().item() if keep is not None else 0.0,
-                              "distance/local": info["distance"][0].item(), "distance/global": info["distance"][1].item(),
-                              "n_seq": info["n_seq"], **{f"set/{n}": c for n, c in info["sets"].items()}})
+                              "distance/local": summary.distance[0].item(),
+                              "distance/global": summary.distance[1].item(), "n_seq": summary.n_seq,
+                              **{f"set/{n}": c for n, c in summary.sets.items()}})
         statistics = gamma_statistics_from_sums({k.removeprefix("gamma/"): v for k, v in total.items()
                                                  if k.startswith("gamma/")})
         n = max(1.0, total["gamma/n_tokens"])
@@ -367,40 +315,37 @@ class RhythmGRPOTrainer(GRPOTrainer):
         metrics["rhythm/gamma_mean"].append(statistics["mean"] if total["gamma/n_tokens"] else 0.0)
         metrics["rhythm/share_amplified"].append(total["gamma/n_amplified"] / n)
         metrics["rhythm/share_reduced"].append(total["gamma/n_reduced"] / n)
-        if keep is not None:
-            metrics["rhythm/set_kept"].append(total["kept"] / n)
         metrics["rhythm/heads_local_distance"].append(total["distance/local"] / max(1.0, total["n_seq"]))
         metrics["rhythm/heads_global_distance"].append(total["distance/global"] / max(1.0, total["n_seq"]))
         for name in sorted(k for k in total if k.startswith("set/")):
             metrics[f"rhythm/{name.replace('/', '_')}"].append(total[name] / n)
         metrics["rhythm/attention_s"].append(seconds)
-        metrics["rhythm/one_pass"].append(float(info.get("one_pass", False)))
-        self._record_drift(info, metrics)
+        metrics["rhythm/one_pass"].append(float(summary.one_pass))
+        self._record_drift(summary, metrics)
         self._attention_window += seconds
-        n_seq = max(1, info["n_seq"])
-        top = lambda c: [[layer, head, round(k / n_seq, 4)] for (layer, head), k in c.most_common(8)]  # noqa: E731
-        self._extras["head_groups"] = {"mode": self.credit.rhythm.head_mode, "local": top(info["local"]),
-                                       "global": top(info["global"])}
+        self._extras["head_groups"] = {"mode": self.credit.rhythm.head_mode, **summary.top_heads()}
 
-    def _record_drift(self, info, metrics) -> None:
-        """Head-set overlap with the first rollout batch, series means and peak densities; the
-        sampled rollouts go to DIR/rollouts.jsonl."""
-        if info["distance_sum"] is None:
+    def _record_drift(self, summary: RolloutSummary, metrics) -> None:
+        """Head-set overlap with the first rollout batch, series means and peak densities."""
+        if summary.distance_sum is None:
             return
-        series = self._summed({k: info["series"][k] for k in SERIES_KEYS})
-        distance = info["distance_sum"].double().to(self.accelerator.device)
+        series = self._summed({k: summary.series[k] for k in SERIES_KEYS})
+        distance = summary.distance_sum.double().to(self.accelerator.device)
         if self.accelerator.num_processes > 1:
             distance = self.accelerator.reduce(distance, reduction="sum")
-        n_seq = self._summed({"n_seq": info["n_seq"]})["n_seq"]
-        local, global_ = head_sets(distance.cpu() / max(1.0, n_seq), info["layers"], self.credit.rhythm)
+        n_seq = self._summed({"n_seq": summary.n_seq})["n_seq"]
+        local, global_ = head_sets(distance.cpu() / max(1.0, n_seq), summary.layers, self.credit.rhythm)
         if self._first_heads is None:
             self._first_heads = (local, global_)
         for key, value in drift_metrics(series, local, global_, *self._first_heads).items():
             metrics[key].append(value)
-        if info["samples"] and self.accelerator.is_main_process:
+
+    def _write_samples(self, summary: RolloutSummary) -> None:
+        """The sampled completions of this rollout batch, appended to DIR/rollouts.jsonl."""
+        if summary.samples and self.accelerator.is_main_process:
             io.append_jsonl(os.path.join(self.args.output_dir, ROLLOUTS),
                             [{"step": self.state.global_step, "credit": self.credit.strategy, **sample}
-                             for sample in info["samples"]])
+                             for sample in summary.samples])
 
     def pop_log_extras(self) -> dict:
         """Non-scalar extras of the last rollout (head groups) for metrics.jsonl, once."""
