@@ -183,16 +183,28 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def resolve_dtype(dtype: str, device: str | None = None) -> str:
+    """The dtype name a model is loaded in: ``dtype`` itself, or for "auto" (*Decision*, the one
+    place it is decided) bfloat16 on a CUDA device that supports it, float32 otherwise (on a CPU
+    the attention statistics and greedy decodes stay those of the full-precision model)."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+
+
 def load_model(name_or_path: str, dtype: str = "auto", device: str | None = None,
                attn_implementation: str = "sdpa"):
-    """(model, tokenizer) for an embedded name, a local folder or a hub id (needs hub access)."""
+    """(model, tokenizer) for an embedded name, a local folder or a hub id (needs hub access);
+    ``dtype`` "auto" follows :func:`resolve_dtype`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    dtype = resolve_dtype(dtype, device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from attnrhythm.studies import analyze as analysis
-from attnrhythm.studies.analyze import (ANALYSIS_CONFIG, AnalyzeSettings, calibrate_receivers, capture_records,
-                                 run_analysis)
+from attnrhythm.studies.analyze import AnalyzeSettings, run_analysis
+from attnrhythm.studies.records import ANALYSIS_CONFIG, calibrate_receivers, capture_records
 from attnrhythm.capture import capture_statistics
 from attnrhythm.cli import main
 from attnrhythm.core.couplings import COUPLINGS
@@ -157,7 +157,7 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_run, tiny_model, t
         f.write('{"id": "p3", "quest')  # a crash in the middle of a line
     with pytest.raises(ValueError, match="--resume"):
         run_analysis(tiny_model, tokenizer, PROBLEMS, tmp_path, SETTINGS, progress=False)
-    with pytest.raises(ValueError, match="different settings"):
+    with pytest.raises(ValueError, match="other settings"):
         run_analysis(tiny_model, tokenizer, PROBLEMS, tmp_path, AnalyzeSettings(**{**vars(SETTINGS), "seed": 1}),
                      resume=True, progress=False)
     monkeypatch.setattr(analysis, "sample_responses", original)

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from attnrhythm.core.config import RhythmConfig
-from attnrhythm.core.couplings import (PAPER_TABLE2, couplings_markdown, couplings_table, entropy_at_waad_peaks,
-                                  fai_follows_waad, fai_follows_waad_shuffled_mc, find_peaks,
-                                  receiver_global_cooccurrence, response_couplings)
+from attnrhythm.core.couplings import (DISJOINT, PAPER_TABLE2, couplings_table, entropy_at_waad_peaks,
+                                       fai_follows_waad, fai_follows_waad_shuffled_mc, find_peaks,
+                                       receiver_global_cooccurrence, response_couplings)
+from attnrhythm.studies.tables import couplings_markdown
 
 NAN = math.nan
 

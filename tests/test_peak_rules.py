@@ -8,9 +8,10 @@ import torch
 
 from attnrhythm.core import peak_rules
 from attnrhythm.core.config import RhythmConfig
-from attnrhythm.core.couplings import couplings_table, find_peaks, response_couplings
+from attnrhythm.core.couplings import DISJOINT, couplings_table, find_peaks, response_couplings
 from attnrhythm.core.peak_rules import (DEFAULT_RULES, PeakRule, closest_to_paper, coupling_sweep, parse_rule,
-                                        peak_density, prominence_peaks, sweep_markdown)
+                                        peak_density, prominence_peaks)
+from attnrhythm.studies.tables import sweep_markdown
 from attnrhythm.studies.verdicts import Verdict, summary_line, verdict
 
 
@@ -182,16 +183,41 @@ def test_closest_to_paper_markdown_and_figure(tmp_path):
     ((-0.016, 0.026), 0.4247, 0.0, "direction inconclusive, magnitude not", "inconclusive", "not reproduced"),
     ((-0.071, -0.008), -0.097, 0.0, "direction reproduced, magnitude not", "reproduced", "not reproduced"),
     ((0.51, 0.70), 0.8714, 0.5, "direction reproduced, magnitude not", "reproduced", "not reproduced"),
-    # and the other cases
+    # Gemma's Table 1: the paper's value inside an interval spanning a factor 50 -> undetermined
+    ((-0.219, -0.004), -0.097, 0.0, "direction reproduced, magnitude undetermined", "reproduced", "undetermined"),
+    # and the other cases: inside and within a factor 2 of the paper's effect (0.26 to 1.04)
     ((0.40, 0.60), 0.52, 0.0, "direction and magnitude reproduced", "reproduced", "reproduced"),
+    ((0.26, 1.04), 0.52, 0.0, "direction and magnitude reproduced", "reproduced", "reproduced"),  # the edges
+    ((0.25, 0.60), 0.52, 0.0, "direction reproduced, magnitude undetermined", "reproduced", "undetermined"),
+    ((0.40, 1.05), 0.52, 0.0, "direction reproduced, magnitude undetermined", "reproduced", "undetermined"),
     ((-0.10, 0.60), 0.52, 0.0, "inconclusive: the interval includes no effect and the paper's value",
-     "inconclusive", "reproduced"),
+     "inconclusive", "undetermined"),
     ((-0.30, -0.10), 0.52, 0.0, "not reproduced: opposite direction", "opposite", "not reproduced"),
     ((-0.12, -0.08), -0.097, 0.0, "direction and magnitude reproduced", "reproduced", "reproduced"),
+    # a share: the effect is measured from 50% (paper 87.1% -> effect 0.371, factor 2: 68.6% to 124%)
+    ((0.70, 0.95), 0.8714, 0.5, "direction and magnitude reproduced", "reproduced", "reproduced"),
+    ((0.60, 0.95), 0.8714, 0.5, "direction reproduced, magnitude undetermined", "reproduced", "undetermined"),
 ])
 def test_verdict_levels(ci, paper, null, label, direction, magnitude):
     v = verdict(ci, paper, null=null, n=100)
     assert (v.label, v.direction, v.magnitude) == (label, direction, magnitude)
+
+
+def test_magnitude_rule_against_a_reference():
+    """The magnitude level against the rule of issue 18 written out on its own, over a grid of
+    intervals around positive and negative paper values and nulls 0 and 0.5."""
+    def reference(lo, hi, paper, null):
+        if not lo <= paper <= hi:
+            return "not reproduced"
+        e, a, b = paper - null, lo - null, hi - null
+        inside = (e / 2 <= a and b <= 2 * e) if e > 0 else (2 * e <= a and b <= e / 2)
+        return "reproduced" if inside else "undetermined"
+
+    grid = np.linspace(-1.5, 1.5, 31)
+    for paper, null in ((0.52, 0.0), (-0.097, 0.0), (0.8714, 0.5), (0.2, 0.5)):
+        for lo in grid:
+            for hi in grid[grid >= lo]:
+                assert verdict((lo, hi), paper, null=null, n=100).magnitude == reference(lo, hi, paper, null)
 
 
 def test_verdict_wording_says_which_side():
@@ -201,13 +227,15 @@ def test_verdict_wording_says_which_side():
     assert "below the interval (our effect is smaller)" in v.why
     v = verdict((0.6, 0.7), 0.52, n=100)
     assert "below the interval (our effect is larger)" in v.why
+    assert "too wide to say" in verdict((-0.219, -0.004), -0.097, n=21).why
 
 
 def test_verdict_inconclusive_cases_and_direction():
     assert verdict(None, 0.5).label == "inconclusive"
     assert verdict((math.nan, 1.0), 0.5).direction == "inconclusive"
     small = verdict((0.3, 0.6), 0.5, n=5)
-    assert small.direction == small.magnitude == "inconclusive" and "fewer than 10" in small.why
+    assert (small.direction, small.magnitude) == ("inconclusive", "undetermined") and "fewer than 10" in small.why
+    assert verdict((0.3, 0.6), 0.5, n=5, judge_magnitude=False).magnitude == "not judged"
     sign_only = verdict((0.1, 0.2), 0.52, n=100, judge_magnitude=False)
     assert sign_only.label == "direction reproduced (magnitude not judged)" and sign_only.reproduced
     # an explicit direction overrides the paper's sign; a paper value at null needs one
@@ -221,7 +249,27 @@ def test_verdict_inconclusive_cases_and_direction():
 def test_summary_line():
     vs = [verdict((0.226, 0.278), 0.52, n=100), verdict((0.4, 0.6), 0.52, n=100),
           verdict((-0.016, 0.026), 0.42, n=100), verdict((0.1, 0.2), 0.52, n=100, judge_magnitude=False),
-          verdict((-0.3, -0.1), 0.52, n=100)]
+          verdict((-0.3, -0.1), 0.52, n=100), verdict((0.1, 2.0), 0.52, n=100)]
     assert all(isinstance(v, Verdict) for v in vs)
-    assert summary_line(vs) == ("5 claims: direction reproduced in 3, of which magnitude reproduced in 1 and "
-                                "not judged in 1; 1 inconclusive; 1 in the opposite direction")
+    assert summary_line(vs) == ("6 claims: direction reproduced in 4, inconclusive in 1, opposite in 1; magnitude "
+                                "reproduced in 1, not reproduced in 3, undetermined in 1 (magnitude not judged in 1: "
+                                "the paper gives no number)")
+
+
+def test_sweep_with_disjoint_head_sets():
+    """The disjoint co-occurrence counts the receiver-FAI peaks among the peaks of the series
+    given as ``fai_global_disjoint``: the global FAI itself gives the co-occurrence row's
+    values; noise unrelated to the receiver peaks gives a lift near 0."""
+    records = synthetic_records(n=20)
+    same = [dict(r, fai_global_disjoint=r["fai"]) for r in records]
+    rows = coupling_sweep(same, [PeakRule("topq", 0.1)], n_boot=100)
+    by = {r["coupling"]: r for r in rows}
+    assert by[DISJOINT]["label"] != by["receiver_global_cooccurrence"]["label"]
+    for key in ("observed", "random", "lift", "n", "density"):
+        assert by[DISJOINT][key] == by["receiver_global_cooccurrence"][key], key
+    assert by[DISJOINT]["paper_lift"] == by["receiver_global_cooccurrence"]["paper_lift"]
+    rng = np.random.default_rng(5)
+    noise = [dict(r, fai_global_disjoint=[float(v) for v in rng.normal(0, 1, len(r["fai"]))]) for r in records]
+    by = {r["coupling"]: r for r in coupling_sweep(noise, [PeakRule("topq", 0.1)], n_boot=200)}
+    assert by["receiver_global_cooccurrence"]["lift"] > 3
+    assert by[DISJOINT]["lift_ci"][0] < 0 < by[DISJOINT]["lift_ci"][1]  # no coupling left

@@ -14,7 +14,8 @@ from attnrhythm.errors import UserError
 from attnrhythm.generation import (PAPER_STOP_STRINGS, StopStrings, greedy_responses, sample_responses, stop_strings_for,
                                    strip_stop)
 from attnrhythm.studies.perturb import alternatives, perturb_response, select_positions, summarize
-from attnrhythm.core.textstats import bootstrap_ci, content_jaccard, content_words, jaccard, word_tokens
+from attnrhythm.core.bootstrap import bootstrap_ci
+from attnrhythm.core.textstats import content_jaccard, content_words, jaccard, word_tokens
 
 NAN = math.nan
 

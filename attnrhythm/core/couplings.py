@@ -22,6 +22,7 @@ from typing import Callable
 
 from torch import Tensor
 
+from attnrhythm.core.bootstrap import percentile_interval, resample_indices
 from attnrhythm.core.config import RhythmConfig
 from attnrhythm.core.topq import defined_positions, top_q_mask
 
@@ -37,6 +38,18 @@ PAPER_TABLE2 = {
 }
 """Li et al. (arXiv 2510.13554) Table 2 as printed.  Note: the first row's lift does not follow
 from its rounded means (0.3608 / 0.2386 - 1 = +51.2%, printed +51.97%); the other two do."""
+
+DISJOINT = "receiver_global_cooccurrence_disjoint"
+"""Coupling (b) with disjoint head sets: the global-head FAI formed without the receiver heads,
+so a head in both sets cannot make the two FAI peaks coincide by construction.  Not in the
+paper; compared with its co-occurrence row (``PAPER_ROW``)."""
+ALL_COUPLINGS = COUPLINGS + (DISJOINT,)
+LABELS = {**{name: row["label"] for name, row in PAPER_TABLE2.items()},
+          DISJOINT: "receiver & global FAI peak co-occurrence, disjoint head sets"}
+PAPER_ROW = {**{name: name for name in COUPLINGS}, DISJOINT: "receiver_global_cooccurrence"}
+"""The paper's Table 2 row each coupling is set beside."""
+RECEIVER_COUPLINGS = ("receiver_global_cooccurrence", DISJOINT)
+"""The couplings that depend on the receiver heads."""
 
 
 def _batched(*xs):
@@ -166,9 +179,11 @@ def fai_follows_waad_shuffled_mc(fai: Tensor, waad: Tensor, mask: Tensor | None 
 def response_couplings(waad: Tensor, fai_global: Tensor, mask: Tensor | None = None,
                        entropy: Tensor | None = None, fai_receiver: Tensor | None = None,
                        config: RhythmConfig = RhythmConfig(),
-                       peak_rule: PeakRule | None = None) -> dict[str, dict[str, Tensor]]:
+                       peak_rule: PeakRule | None = None,
+                       fai_global_disjoint: Tensor | None = None) -> dict[str, dict[str, Tensor]]:
     """All couplings available from the given series, ``{name: {"observed": [B], "random": [B]}}``
-    (a coupling whose input is None is left out).  Uses ``config.coupling_k`` and ``peak_rule``
+    (a coupling whose input is None is left out; ``fai_global_disjoint``, the global-head FAI
+    without the receiver heads, adds ``DISJOINT``).  Uses ``config.coupling_k`` and ``peak_rule``
     (None: ``find_peaks`` at ``config.peak_q``)."""
     stats = {}
     q = config.peak_q
@@ -177,6 +192,8 @@ def response_couplings(waad: Tensor, fai_global: Tensor, mask: Tensor | None = N
     if fai_receiver is not None:
         stats["receiver_global_cooccurrence"] = receiver_global_cooccurrence(fai_receiver, fai_global, mask, q,
                                                                              peak_rule)
+        if fai_global_disjoint is not None:
+            stats[DISJOINT] = receiver_global_cooccurrence(fai_receiver, fai_global_disjoint, mask, q, peak_rule)
     stats["fai_follows_waad"] = fai_follows_waad(fai_global, waad, mask, config.coupling_k, q, peak_rule)
     return {name: dict(observed=o, random=r) for name, (o, r) in stats.items()}
 
@@ -194,8 +211,8 @@ def couplings_table(per_response_stats, n_boot: int = 2000, seed: int = 0) -> di
         per_response_stats: ``{name: {"observed": [n], "random": [n]}}`` (tensors, arrays or
             lists; one value per problem), or a list of such dicts (e.g. one per batch), which
             are concatenated.
-        n_boot: bootstrap resamples; seed: numpy seed (coupling i of ``COUPLINGS`` resamples with
-            ``default_rng([seed, i])``, whatever other couplings are present).
+        n_boot: bootstrap resamples; seed: numpy seed (coupling i of ``ALL_COUPLINGS`` resamples
+            with ``default_rng([seed, i])``, whatever other couplings are present).
     Returns:
         ``{name: {...}}`` with ``observed`` and ``random`` = means of the per-problem values over
         the problems where both are finite (the others are skipped and counted in
@@ -204,76 +221,35 @@ def couplings_table(per_response_stats, n_boot: int = 2000, seed: int = 0) -> di
         the three statistics from the same resamples), ``n``, ``n_skipped``, ``n_boot``, ``label``.
     """
     if isinstance(per_response_stats, (list, tuple)):
-        names = [n for n in COUPLINGS if any(n in d for d in per_response_stats)]
+        names = [n for n in ALL_COUPLINGS if any(n in d for d in per_response_stats)]
         per_response_stats = {n: {key: np.concatenate([_as_numpy(d[n][key]) for d in per_response_stats if n in d])
                                   for key in ("observed", "random")} for n in names}
     table = {}
-    names = [n for n in COUPLINGS if n in per_response_stats] + [n for n in per_response_stats if n not in COUPLINGS]
+    names = ([n for n in ALL_COUPLINGS if n in per_response_stats]
+             + [n for n in per_response_stats if n not in ALL_COUPLINGS])
     for name in names:
         # the stream depends on the coupling, not on which other couplings are present
-        stream = COUPLINGS.index(name) if name in COUPLINGS else len(COUPLINGS) + names.index(name)
+        stream = ALL_COUPLINGS.index(name) if name in ALL_COUPLINGS else len(ALL_COUPLINGS) + names.index(name)
         obs, rnd = _as_numpy(per_response_stats[name]["observed"]), _as_numpy(per_response_stats[name]["random"])
         if obs.shape != rnd.shape:
             raise ValueError(f"{name}: observed and random have different lengths {obs.shape} vs {rnd.shape}")
         keep = np.isfinite(obs) & np.isfinite(rnd)
         obs, rnd = obs[keep], rnd[keep]
         n = int(keep.sum())
-        row = dict(label=PAPER_TABLE2.get(name, {}).get("label", name), n=n, n_skipped=int((~keep).sum()),
+        row = dict(label=LABELS.get(name, name), n=n, n_skipped=int((~keep).sum()),
                    n_boot=n_boot)
         nan2 = (math.nan, math.nan)
         if n == 0:
             row.update(observed=math.nan, random=math.nan, lift=math.nan,
                        observed_ci=nan2, random_ci=nan2, lift_ci=nan2)
         else:
-            idx = np.random.default_rng([seed, stream]).integers(0, n, size=(n_boot, n))
+            idx = resample_indices(n, n_boot, [seed, stream])  # one draw for the three statistics
             boot_obs, boot_rnd = obs[idx].mean(1), rnd[idx].mean(1)
             with np.errstate(divide="ignore", invalid="ignore"):
                 boot_lift = (boot_obs - boot_rnd) / boot_rnd
                 lift = (obs.mean() - rnd.mean()) / rnd.mean()
-
-            def ci(v):
-                lo, hi = np.percentile(v, [2.5, 97.5])
-                return (float(lo), float(hi))
-
             row.update(observed=float(obs.mean()), random=float(rnd.mean()), lift=float(lift),
-                       observed_ci=ci(boot_obs), random_ci=ci(boot_rnd), lift_ci=ci(boot_lift))
+                       observed_ci=percentile_interval(boot_obs), random_ci=percentile_interval(boot_rnd),
+                       lift_ci=percentile_interval(boot_lift))
         table[name] = row
     return table
-
-
-def _fmt(v: float, unit: str) -> str:
-    if not math.isfinite(v):
-        return "n/a"
-    return f"{100 * v:.2f}%" if unit == "share" else f"{v:.4f}"
-
-
-def _fmt_ci(point: float, ci: tuple[float, float], unit: str) -> str:
-    return f"{_fmt(point, unit)} ({_fmt(ci[0], unit)} to {_fmt(ci[1], unit)})"
-
-
-def _fmt_lift(v: float) -> str:
-    return f"{100 * v:+.2f}%" if math.isfinite(v) else "n/a"
-
-
-def couplings_markdown(table: dict[str, dict], meta: dict) -> str:
-    """Markdown report of ``couplings_table`` beside the paper's Table 2.
-
-    ``meta`` items (e.g. model, data, n, seed, command) are printed as ``- key: value`` lines
-    in their order above the table; the number of problems used/skipped per coupling below it.
-    """
-    lines = ["## Table 2: couplings (ours vs paper)", ""]
-    lines += [f"- {key}: {value}" for key, value in meta.items()]
-    lines += ["", "| coupling | random (95% CI) | observed (95% CI) | lift (95% CI) | paper random / observed / lift |",
-              "|---|---|---|---|---|"]
-    for name, row in table.items():
-        paper = PAPER_TABLE2.get(name)
-        unit = paper["unit"] if paper else "value"
-        paper_txt = (f"{_fmt(paper['random'], unit)} / {_fmt(paper['observed'], unit)} / {_fmt_lift(paper['lift'])}"
-                     if paper else "-")
-        lift = f"{_fmt_lift(row['lift'])} ({_fmt_lift(row['lift_ci'][0])} to {_fmt_lift(row['lift_ci'][1])})"
-        lines.append(f"| {row['label']} | {_fmt_ci(row['random'], row['random_ci'], unit)} | "
-                     f"{_fmt_ci(row['observed'], row['observed_ci'], unit)} | {lift} | {paper_txt} |")
-    lines.append("")
-    lines += [f"- {row['label']}: {row['n']} problems used, {row['n_skipped']} skipped (statistic undefined), "
-              f"{row['n_boot']} bootstrap resamples" for row in table.values()]
-    return "\n".join(lines) + "\n"

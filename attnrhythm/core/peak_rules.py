@@ -20,7 +20,9 @@ over a family of rules, with the peak density and the random baseline each rule 
 and their 95% bootstrap intervals from ``couplings.couplings_table`` (the same resamples and
 seeds as the main table), plus the density of the peaks the coupling counts, with its own
 bootstrap interval.  ``closest_to_paper`` names the rule whose random baseline is nearest the
-paper's; ``sweep_markdown`` renders the table (``studies.figures.sweep_figure`` draws it).
+paper's.  Records with a ``fai_global_disjoint`` series (global-head FAI without the receiver
+heads) add the co-occurrence with disjoint head sets (``couplings.DISJOINT``) under each rule.
+``studies/tables.py`` renders the sweep, ``studies.figures.sweep_figure`` draws it.
 
 Integration: ``core/peak_rules.py``; needs the ``peak_rule`` argument of the coupling functions
 in ``core/couplings.py`` (the accompanying patch).
@@ -35,13 +37,15 @@ import torch
 from torch import Tensor
 
 from attnrhythm.core.config import RhythmConfig
-from attnrhythm.core.couplings import COUPLINGS, PAPER_TABLE2, couplings_table, find_peaks, response_couplings
+from attnrhythm.core.bootstrap import bootstrap_ci
+from attnrhythm.core.couplings import (ALL_COUPLINGS, DISJOINT, PAPER_ROW, PAPER_TABLE2, couplings_table, find_peaks,
+                                       response_couplings)
 from attnrhythm.core.topq import defined_positions
 
 KINDS = ("topq", "prominence")
 SERIES = ("waad", "fai", "fai_receiver")
 PEAKS_COUNTED = {"entropy_at_waad_peaks": "waad", "receiver_global_cooccurrence": "fai_receiver",
-                 "fai_follows_waad": "fai"}
+                 "fai_follows_waad": "fai", DISJOINT: "fai_receiver"}
 """The series whose peaks each coupling counts (its 'observed' is a share of those peaks, or a
 mean over them); the density reported beside the coupling is theirs.  Coupling (b)'s random
 baseline is the global-FAI peak density itself, and (c)'s grows with the WAAD peak density; the
@@ -127,11 +131,12 @@ def peak_density(peaks: Tensor, series: Tensor, mask: Tensor | None = None) -> T
 def batch_series(records: list[dict]) -> tuple[dict[str, Tensor | None], Tensor]:
     """``{series: [B, T] float64 (NaN = undefined) or None}`` and the mask ``[B, T]`` (response
     tokens) from per-response records with lists ``waad``, ``fai``, ``entropy`` and optionally
-    ``fai_receiver`` (None entries = undefined; a missing or None series = all undefined)."""
+    ``fai_receiver`` and ``fai_global_disjoint`` (None entries = undefined; a missing or None
+    series = all undefined)."""
     width = max([len(r.get("waad") or []) for r in records] + [1])
     mask = torch.zeros(len(records), width, dtype=torch.bool)
     out = {}
-    for key in ("waad", "fai", "entropy", "fai_receiver"):
+    for key in ("waad", "fai", "entropy", "fai_receiver", "fai_global_disjoint"):
         x = torch.full((len(records), width), math.nan, dtype=torch.float64)
         present = False
         for b, r in enumerate(records):
@@ -147,22 +152,13 @@ def batch_series(records: list[dict]) -> tuple[dict[str, Tensor | None], Tensor]
     return out, mask
 
 
-def _mean_ci(values: np.ndarray, n_boot: int, seed: list[int]) -> tuple[float, tuple[float, float], int]:
-    v = values[np.isfinite(values)]
-    if v.size == 0:
-        return math.nan, (math.nan, math.nan), 0
-    idx = np.random.default_rng(seed).integers(0, v.size, size=(n_boot, v.size))
-    lo, hi = np.percentile(v[idx].mean(1), [2.5, 97.5])
-    return float(v.mean()), (float(lo), float(hi)), int(v.size)
-
-
 def coupling_sweep(records: list[dict], rules=DEFAULT_RULES, *, k: int = 3, n_boot: int = 2000,
                    seed: int = 0) -> list[dict]:
     """Table 2 under each peak rule.
 
     Args:
         records: one dict per response (``metrics.jsonl`` records: ``waad``, ``fai``, ``entropy``,
-            ``fai_receiver`` lists, None = undefined).
+            ``fai_receiver`` and optionally ``fai_global_disjoint`` lists, None = undefined).
         rules: PeakRule objects (default ``DEFAULT_RULES``); k: coupling (c)'s neighbourhood.
         n_boot, seed: bootstrap over problems, as ``couplings_table`` (each rule resamples with
             the same seeds, so rules are compared on the same resamples).
@@ -180,19 +176,21 @@ def coupling_sweep(records: list[dict], rules=DEFAULT_RULES, *, k: int = 3, n_bo
     rows = []
     for rule in rules:
         stats = response_couplings(series["waad"], series["fai"], mask, entropy=series["entropy"],
-                                   fai_receiver=series["fai_receiver"], config=config, peak_rule=rule)
+                                   fai_receiver=series["fai_receiver"], config=config, peak_rule=rule,
+                                   fai_global_disjoint=series["fai_global_disjoint"])
         table = couplings_table(stats, n_boot=n_boot, seed=seed)
         densities = {}
         for j, key in enumerate(SERIES):
             if series[key] is None:
                 continue
             d = peak_density(rule(series[key], mask), series[key], mask).numpy()
-            mean, ci, _ = _mean_ci(d, n_boot, [seed, 100 + j])
-            densities[key] = (mean, ci)
-        for name in COUPLINGS:
+            defined = d[np.isfinite(d)]
+            densities[key] = (float(defined.mean()) if defined.size else math.nan,
+                              bootstrap_ci(d, n_boot=n_boot, seed=[seed, 100 + j]))
+        for name in ALL_COUPLINGS:
             if name not in table:
                 continue
-            paper = PAPER_TABLE2[name]
+            paper = PAPER_TABLE2[PAPER_ROW[name]]
             density = densities.get(PEAKS_COUNTED[name], (math.nan, (math.nan, math.nan)))
             rows.append(dict(rule=rule.name, kind=rule.kind, value=rule.value, coupling=name, **table[name],
                              density=density[0], density_ci=density[1], densities=densities,
@@ -224,51 +222,3 @@ def closest_to_paper(rows: list[dict], coupling: str | None = None) -> dict | No
     name = min(complete, key=lambda n: sum(abs(r["random"] - r["paper_random"]) for r in complete[n].values()))
     return dict(rule=name, rows=complete[name],
                 distance=sum(abs(r["random"] - r["paper_random"]) for r in complete[name].values()))
-
-
-def _fmt(v: float, share: bool) -> str:
-    if not math.isfinite(v):
-        return "n/a"
-    return f"{100 * v:.1f}%" if share else f"{v:.3f}"
-
-
-def _fmt_ci(v, ci, share: bool, signed: bool = False) -> str:
-    if signed:
-        f = lambda x: "n/a" if not math.isfinite(x) else f"{100 * x:+.1f}%"  # noqa: E731
-    else:
-        f = lambda x: _fmt(x, share)  # noqa: E731
-    return f"{f(v)} [{f(ci[0])}, {f(ci[1])}]"
-
-
-def sweep_markdown(rows: list[dict]) -> str:
-    """The sweep as a Markdown section: one table per coupling (rules as rows), then which rule
-    comes closest to the paper's random baselines and what the couplings are there."""
-    lines = ["## Table 2 under other peak rules", "",
-             "Top-q: local maxima in the top q of the series (the project's rule: q = 0.4). "
-             "Prominence p: scipy.signal.find_peaks with prominence >= p x the response's standard deviation. "
-             "Density: peaks per defined token of the series the coupling counts (mean over responses). "
-             "Intervals: 95% bootstrap over problems.", ""]
-    for name in COUPLINGS:
-        sub = [r for r in rows if r["coupling"] == name]
-        if not sub:
-            continue
-        paper = PAPER_TABLE2[name]
-        share = paper["unit"] == "share"
-        lines += [f"### {paper['label']}", "",
-                  f"Paper: random {_fmt(paper['random'], share)}, observed {_fmt(paper['observed'], share)}, "
-                  f"lift {100 * paper['lift']:+.1f}%.", "",
-                  f"| rule | peak density ({PEAKS_COUNTED[name]}) | random | observed | lift | problems |",
-                  "|---|---|---|---|---|---|"]
-        for r in sub:
-            lines.append(f"| {r['rule']} | {_fmt_ci(r['density'], r['density_ci'], True)} | "
-                         f"{_fmt_ci(r['random'], r['random_ci'], share)} | {_fmt_ci(r['observed'], r['observed_ci'], share)} | "
-                         f"{_fmt_ci(r['lift'], r['lift_ci'], share, signed=True)} | {r['n']} ({r['n_skipped']} skipped) |")
-        lines.append("")
-    best = closest_to_paper(rows)
-    if best is not None:
-        parts = [f"{PAPER_TABLE2[c]['label']}: random {_fmt(r['random'], True)} (paper {_fmt(r['paper_random'], True)}), "
-                 f"lift {_fmt_ci(r['lift'], r['lift_ci'], True, signed=True)} (paper {100 * r['paper_lift']:+.1f}%)"
-                 for c, r in best["rows"].items()]
-        lines += [f"Closest to the paper's random baselines (summed over the two share couplings): **{best['rule']}**; "
-                  + "; ".join(parts) + ".", ""]
-    return "\n".join(lines) + "\n"

@@ -3,17 +3,13 @@
 Content words: the lower-cased word and number tokens of a decoded text, minus English stop
 words (the maintained list of the ``stop-words`` package) and punctuation.  Numbers are always
 kept, even the few the stop list contains ("10", "39"), because in arithmetic reasoning they carry
-the content.  Jaccard overlap compares two such sets.  ``bootstrap_ci`` is the percentile
-interval over problems used for the Table 1 numbers.
+the content.  Jaccard overlap compares two such sets (the Table 1 intervals over problems come from
+``core/bootstrap.py``).
 """
 from __future__ import annotations
 
 import functools
-import math
 import re
-from typing import Callable, Sequence
-
-import numpy as np
 
 # numbers with internal separators ("3.5", "1,000") are one token; words may contain an
 # apostrophe or a hyphen ("don't", "no-one"); everything else (punctuation, LaTeX) splits
@@ -48,18 +44,3 @@ def jaccard(a: set, b: set) -> float:
 
 def content_jaccard(text_a: str, text_b: str) -> float:
     return jaccard(content_words(text_a), content_words(text_b))
-
-
-def bootstrap_ci(values: Sequence[float], statistic: Callable[[np.ndarray], float] = np.mean,
-                 n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``statistic`` over ``values`` (one value per problem,
-    resampled with replacement); NaN values are dropped first.  (nan, nan) when none is left."""
-    x = np.asarray(values, dtype=np.float64).reshape(-1)
-    x = x[np.isfinite(x)]
-    if x.size == 0:
-        return (math.nan, math.nan)
-    idx = np.random.default_rng(seed).integers(0, x.size, size=(n_boot, x.size))
-    boot = np.array([statistic(x[row]) for row in idx]) if statistic is not np.mean else x[idx].mean(1)
-    tail = 100 * (1 - level) / 2
-    lo, hi = np.percentile(boot, [tail, 100 - tail])
-    return (float(lo), float(hi))

@@ -4,14 +4,15 @@ pass per batch of responses, and write the paper's analysis (docs/method.md sect
 Pipeline (the Python API is what the CLI runs):
 
 1. :func:`analyze` yields one record per response: generation (``generation.py``), then
-   ``capture_statistics`` + ``rhythm_from_stats`` over the batch (:func:`capture_records`).
-2. :func:`finalize` calibrates the receiver heads on **all responses of the run** (kurtosis of
+   ``capture_statistics`` + ``rhythm_from_stats`` over the batch (``records.capture_records``).
+2. ``records.finalize`` calibrates the receiver heads on **all responses of the run** (kurtosis of
    the vertical scores averaged over them, docs/method.md section 2), fills ``fai_receiver``, and
    computes the Table 2 couplings.  Per-head FAI of this process's responses is kept in memory;
    responses reused by ``--resume`` are recaptured from their stored token ids.
 3. :func:`run_analysis` drives both with ``metrics.jsonl`` appended and flushed per response, then
-   writes ``couplings.json``/``couplings.md``, figures and ``report.html`` (``report.py``); a run
-   that fails records ``"status": "failed"`` and the error in ``run.json``.
+   writes ``couplings.json``/``couplings.md`` (``tables.py``), figures and ``report.html``
+   (``report.py``); a run that fails records ``"status": "failed"`` and the error in ``run.json``;
+   ``--resume`` follows ``resume.py``.
 4. :func:`run_analysis_command` (``AnalyzeSettings`` -> run.json) is the `analyze` command: it
    checks the settings, loads the problems, then the model, then runs.
 
@@ -31,30 +32,26 @@ is left out of calibration and couplings.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from attnrhythm import io, log
-from attnrhythm.capture import BACKENDS, capture_statistics, check_backend_memory, resolve_layers
-from attnrhythm.core.config import ANALYSIS_HORIZON, RhythmConfig, parse_horizon, parse_layers
-from attnrhythm.core.couplings import couplings_markdown, couplings_table, response_couplings
-from attnrhythm.core.heads import mask_to_heads, select_receiver_heads
-from attnrhythm.core.metrics import fai_row_counts, per_head_fai, receiver_kurtosis, rhythm_from_stats
+from attnrhythm.capture import BACKENDS, check_backend_memory, resolve_layers
+from attnrhythm.core.config import RhythmConfig, parse_horizon, parse_layers
 from attnrhythm.data import Problem, ProblemSettings
 from attnrhythm.io import option
 from attnrhythm.errors import UserError
 from attnrhythm.generation import (PROMPT_STYLES, check_prompt_fits, encode_prompt, problem_prompt, prompt_text,
                                    resolve_prompt_style, row_seed, sample_responses, stop_strings_for, token_strings)
+from attnrhythm.studies.records import ANALYSIS_CONFIG, capture_records, finalize, receiver_layers_of
 from attnrhythm.studies.report import machine_info, write_report
+from attnrhythm.studies.resume import check_resume
+from attnrhythm.studies.tables import couplings_markdown
 
 logger = log.get_logger(__name__)
-ANALYSIS_CONFIG = RhythmConfig(fai_horizon=ANALYSIS_HORIZON)
 OUTPUTS = ("metrics.jsonl", "run.json", "couplings.json", "couplings.md", "report.html",
            "figures/attention_maps.png", "figures/rhythm_curves.png")
 
@@ -101,73 +98,6 @@ class AnalyzeSettings(ProblemSettings):
             raise UserError("--batch-size, --max-new-tokens and --n-boot must be at least 1")
         self.check_problem_count()
         self.config()
-
-
-def _empty_metrics(layers: list[int], receiver_layers: list[int]) -> dict:
-    """An empty response: no series, no head sets (every metric is undefined)."""
-    return dict(layers=layers, waad=[], delta=[], fai=[], fai_rows=[], entropy=[], local_heads=[], global_heads=[],
-                head_distance=None, receiver_layers=receiver_layers, receiver_kurtosis=None,
-                _head_fai=np.zeros((0, 0, 0), np.float32))
-
-
-def receiver_layers_of(model, config: RhythmConfig) -> list[int]:
-    """The model layers receiver heads are ranked in (``config.receiver_layers``)."""
-    return resolve_layers(model, config, "all" if config.receiver_layers == "all" else None)
-
-
-def _receiver_slots(record: dict) -> list[int]:
-    """Layers behind a record's ``receiver_kurtosis`` and ``_head_fai`` (older records: the sampled ones)."""
-    return record.get("receiver_layers") or record["layers"]
-
-
-def capture_records(model, prompt_ids: list[list[int]], response_ids: list[list[int]],
-                    config: RhythmConfig = ANALYSIS_CONFIG, backend: str = "streaming") -> list[dict]:
-    """Metrics of B responses from one capture pass over the right-padded batch.
-
-    Returns B dicts: ``layers`` (the sampled model layers), series ``waad``/``delta``/``fai``/
-    ``entropy`` (lists, None = undefined), ``local_heads``/``global_heads`` ([model layer, head]
-    pairs), ``head_distance`` ([L][H]), ``receiver_layers`` (the layers receiver heads are ranked
-    in: every layer, or the sampled ones, ``config.receiver_layers``), ``receiver_kurtosis``
-    ([R][H] over those) and ``_head_fai`` ([R, H, T] array).  One capture serves both: the sampled
-    layers' statistics are a slice of the all-layer capture.
-    """
-    layers = resolve_layers(model, config)
-    receiver_layers = receiver_layers_of(model, config)
-    out = [_empty_metrics(layers, receiver_layers) for _ in prompt_ids]
-    live = [i for i, r in enumerate(response_ids) if r]
-    if not live:
-        return out
-    seqs = [prompt_ids[i] + response_ids[i] for i in live]
-    width = max(len(s) for s in seqs)
-    input_ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    response_mask = torch.zeros(len(seqs), width, dtype=torch.bool)
-    for j, i in enumerate(live):
-        input_ids[j, :len(seqs[j])] = torch.tensor(seqs[j])
-        attention_mask[j, :len(seqs[j])] = 1
-        response_mask[j, len(prompt_ids[i]):len(seqs[j])] = True
-    device = next(model.parameters()).device
-    captured = sorted(set(layers) | set(receiver_layers))
-    all_stats = capture_statistics(model, input_ids.to(device), attention_mask.to(device), config=config,
-                                   layers=captured, backend=backend).to("cpu")
-    stats, receiver_stats = all_stats.subset(layers), all_stats.subset(receiver_layers)
-    result = rhythm_from_stats(stats, response_mask, config)
-    kurt = receiver_kurtosis(receiver_stats, response_mask, config.receiver_gap)
-    head_fai = per_head_fai(receiver_stats, result.positions, result.mask, config.fai_horizon)
-    rows_behind = fai_row_counts(stats, result.positions, result.mask, config.fai_horizon)
-    for j, i in enumerate(live):
-        r, n = result[j], len(response_ids[i])
-        out[i] = dict(
-            layers=layers, waad=io.float_list(r.waad), delta=io.float_list(r.delta), fai=io.float_list(r.fai),
-            fai_rows=rows_behind[j, :n].tolist(),
-            entropy=io.float_list(r.entropy),
-            local_heads=[[layers[s], h] for s, h in r.local_heads],
-            global_heads=[[layers[s], h] for s, h in r.global_heads],
-            head_distance=[io.float_list(row) for row in r.head_distance],
-            receiver_layers=receiver_layers,
-            receiver_kurtosis=[io.float_list(row) for row in kurt[j]],
-            _head_fai=head_fai[j, :, :, :n].numpy())
-    return out
 
 
 def _score(response: str, gold: str) -> float | None:
@@ -227,111 +157,43 @@ def analyze(model, tokenizer, problems: list[Problem], config: RhythmConfig = AN
         bar.close()
 
 
-def calibrate_receivers(records: list[dict], count: int) -> list[list[int]]:
-    """Receiver heads from the mean kurtosis over ``records`` (responses without a defined
-    kurtosis are left out); [model layer, head] pairs, [] when no kurtosis is defined."""
-    usable = [r for r in records if r.get("receiver_kurtosis") is not None]
-    if not usable:
-        return []
-    layers = _receiver_slots(usable[0])
-    if any(_receiver_slots(r) != layers for r in usable):
-        raise UserError("the stored responses rank receiver heads over other layers than this run "
-                        "(--receiver-layers changed?): resume with the old setting or pass --overwrite")
-    kurt = torch.stack([torch.stack([io.float_series(row) for row in r["receiver_kurtosis"]]) for r in usable])
-    finite_heads = int(torch.isfinite(kurt).any(0).sum())
-    if finite_heads == 0:
-        return []
-    mask = select_receiver_heads(kurt, min(count, finite_heads))
-    return [[layers[s], h] for s, h in mask_to_heads(mask)]
-
-
-def fill_receiver_fai(record: dict, receivers: list[list[int]], head_fai: np.ndarray) -> None:
-    """Set ``fai_receiver`` (mean per-head FAI over the receiver heads) and ``receiver_heads``."""
-    record["receiver_heads"] = receivers
-    if not record["response_token_ids"] or not receivers:
-        record["fai_receiver"] = [None] * len(record["response_token_ids"])
-        return
-    slots = [_receiver_slots(record).index(layer) for layer, _ in receivers]
-    heads = [h for _, h in receivers]
-    record["fai_receiver"] = io.float_list(torch.from_numpy(head_fai[slots, heads]).double().mean(0))
-
-
-def recapture_head_fai(model, records: list[dict], config: RhythmConfig = ANALYSIS_CONFIG,
-                       backend: str = "streaming", batch_size: int = 8, progress: bool = False) -> dict:
-    """{id: per-head FAI [L, H, T]} recaptured from the records' stored token ids."""
-    out = {}
-    for start in tqdm(range(0, len(records), batch_size), desc="recapture", disable=not progress):
-        chunk = records[start:start + batch_size]
-        metrics = capture_records(model, [r["prompt_token_ids"] for r in chunk],
-                                  [r["response_token_ids"] for r in chunk], config, backend)
-        out.update({r["id"]: m["_head_fai"] for r, m in zip(chunk, metrics)})
-    return out
-
-
-def record_couplings(record: dict, config: RhythmConfig = ANALYSIS_CONFIG) -> dict:
-    """Table 2 statistics of one response: {name: {"observed": float|None, "random": ...}}."""
-    if not record["response_token_ids"]:
-        return {}
-    series = lambda key: None if record.get(key) is None else io.float_series(record[key])[None]  # noqa: E731
-    stats = response_couplings(series("waad"), series("fai"), None, entropy=series("entropy"),
-                               fai_receiver=series("fai_receiver"), config=config)
-    return {name: {k: io.float_list(v)[0] for k, v in pair.items()} for name, pair in stats.items()}
-
-
-def finalize(model, records: list[dict], head_fai: dict, config: RhythmConfig = ANALYSIS_CONFIG, *,
-             backend: str = "streaming", batch_size: int = 8, n_boot: int = 2000, seed: int = 0,
-             progress: bool = False) -> tuple[list[list[int]], dict]:
-    """Calibrate receiver heads on all ``records``, fill ``fai_receiver`` and per-response
-    ``couplings`` in place, and aggregate Table 2.  ``head_fai`` ({id: [L, H, T]}) covers the
-    responses of this process; the others are recaptured unless their stored receiver series
-    already uses the same heads.  Returns (receiver heads, couplings table)."""
-    receivers = calibrate_receivers(records, config.n_receiver_heads)
-    stale = [r for r in records if r["id"] not in head_fai and r["response_token_ids"]
-             and (r.get("receiver_heads") != receivers or r.get("fai_receiver") is None)]
-    if stale:
-        if model is None:
-            raise ValueError(f"{len(stale)} responses need recapturing for their receiver-head FAI; pass the model")
-        head_fai = {**head_fai, **recapture_head_fai(model, stale, config, backend, batch_size, progress)}
-    for r in records:
-        if r["id"] in head_fai or not r["response_token_ids"]:
-            fill_receiver_fai(r, receivers, head_fai.get(r["id"]))
-        r["couplings"] = record_couplings(r, config)
-    per_response = [{name: {k: [math.nan if v is None else v] for k, v in pair.items()}
-                     for name, pair in r["couplings"].items()} for r in records if r["couplings"]]
-    return receivers, couplings_table(per_response, n_boot=n_boot, seed=seed)
-
-
-def run_analysis(model, tokenizer, problems: list[Problem], out_dir, settings: AnalyzeSettings = AnalyzeSettings(),
-                 config: RhythmConfig = ANALYSIS_CONFIG, *, resume: bool | None = None, overwrite: bool | None = None,
+def run_analysis(model, tokenizer, problems: list[Problem], out_dir, settings: AnalyzeSettings | None = None,
+                 config: RhythmConfig | None = None, *, resume: bool | None = None, overwrite: bool | None = None,
                  progress: bool | None = None, command: str | None = None) -> dict:
     """The whole `analyze` job into ``out_dir``; returns the final run.json content.
-    ``resume``/``overwrite``/``progress`` default to the settings' values.  A run that fails
-    records ``"status": "failed"`` and the error in run.json, then raises."""
+    ``settings`` default to ``AnalyzeSettings()``, ``config`` to ``settings.config()``;
+    ``resume``/``overwrite``/``progress`` to the settings' values.  A folder that holds an
+    analysis continues only with ``resume`` and the same settings (``studies/resume.py``).  A run
+    that fails records ``"status": "failed"`` and the error in run.json, then raises."""
+    settings = settings if settings is not None else AnalyzeSettings()
+    config = config if config is not None else settings.config()
     resume = settings.resume if resume is None else resume
     overwrite = settings.overwrite if overwrite is None else overwrite
-    progress = settings.progress if progress is None else progress
-    out = Path(out_dir)
-    metrics_path, run_path = out / "metrics.jsonl", out / "run.json"
-    if metrics_path.exists() and not (resume or overwrite):
-        raise UserError(f"{out} already holds an analysis; pass --resume to continue it or --overwrite to replace it")
+    job = _Job(model, tokenizer, settings, config, Path(out_dir), settings.progress if progress is None else progress)
+    out, metrics_path, run_path = job.out, job.out / "metrics.jsonl", job.out / "run.json"
+    now = dict(asdict(settings), config=config.to_dict())
+    saved = None
+    if metrics_path.exists() and (resume or not overwrite):
+        previous = io.read_json(run_path) if run_path.exists() else None
+        if previous is None and resume:
+            raise UserError("cannot resume: run.json is missing, so the settings of the partial run are unknown")
+        saved = dict(previous["settings"], config=previous.get("config")) if previous else {}
+    resuming = check_resume("an analysis", out, saved, now, AnalyzeSettings.RESUME_KEYS + ("config",),
+                            resume=resume, can_overwrite=True)
     if overwrite and not resume:
         for name in OUTPUTS:
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    style = resolve_prompt_style(settings.prompt, tokenizer, settings.model)
-    run = dict(settings=asdict(settings), config=config.to_dict(), prompt_style=style,
+    run = dict(settings=asdict(settings), config=config.to_dict(),
+               prompt_style=resolve_prompt_style(settings.prompt, tokenizer, settings.model),
                layers=resolve_layers(model, config), command=command, machine=machine_info(model),
                receiver_calibration="all non-empty responses of this run (kurtosis averaged over them)",
                receiver_layers=receiver_layers_of(model, config),
                started=datetime.now(timezone.utc).isoformat(timespec="seconds"), status="running")
-    done: list[dict] = []
-    if resume and metrics_path.exists():
-        previous = io.read_json(run_path) if run_path.exists() else {}
-        _check_resumable(previous, run)
-        done = io.read_jsonl(metrics_path, repair=True)
+    done = io.read_jsonl(metrics_path, repair=True) if resuming else []
     io.write_json(run_path, run)
     try:
-        return _run(model, tokenizer, problems, out, settings, config, run, done, progress, command)
+        return job.finish(job.generate(problems, done), run)
     except BaseException as err:
         run.update(status="failed" if not isinstance(err, KeyboardInterrupt) else "interrupted",
                    error=f"{type(err).__name__}: {err}", finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -339,58 +201,61 @@ def run_analysis(model, tokenizer, problems: list[Problem], out_dir, settings: A
         raise
 
 
-def _run(model, tokenizer, problems, out, settings, config, run, done, progress, command) -> dict:
-    from attnrhythm.studies.figures import choose_figure_record, write_figures
+@dataclass
+class _Job:
+    """One `analyze` run's fixed parts: what generates and captures, with which settings, where."""
 
-    metrics_path, run_path = out / "metrics.jsonl", out / "run.json"
-    wanted = {p.id for p in problems}
-    done = [r for r in done if r["id"] in wanted]
-    todo = [p for p in problems if p.id not in {r["id"] for r in done}]
-    head_fai, new = {}, []
-    for record in analyze(model, tokenizer, todo, config, prompt=settings.prompt,
-                          max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                          batch_size=settings.batch_size, seed=settings.seed, backend=settings.backend,
-                          model_name=settings.model, progress=progress):
-        head_fai[record["id"]] = record.pop("_head_fai")
-        io.append_jsonl(metrics_path, [record])  # a crash keeps every finished response
-        new.append(record)
+    model: object
+    tokenizer: object
+    settings: AnalyzeSettings
+    config: RhythmConfig
+    out: Path
+    progress: bool
 
-    order = {p.id: i for i, p in enumerate(problems)}
-    records = sorted(done + new, key=lambda r: order[r["id"]])
-    receivers, table = finalize(model, records, head_fai, config, backend=settings.backend,
-                                batch_size=settings.batch_size, n_boot=settings.n_boot, seed=settings.seed,
-                                progress=progress)
-    io.write_jsonl(metrics_path, records)
-    meta = {"model": settings.model, "data": settings.data, "problems": len(records), "seed": settings.seed,
-            "prompt": run["prompt_style"], "command": command or "(python API)"}
-    io.write_json(out / "couplings.json", dict(meta=meta, table=table))
-    io.write_text(out / "couplings.md", couplings_markdown(table, meta))
-    figure_record = choose_figure_record(records, settings.figure_response)
-    run["figure_response"] = figure_record["id"] if figure_record else None
-    run["figures"] = write_figures(model, figure_record, out / "figures", config) if figure_record else {}
-    run.update(status="complete", finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               receiver_heads=receivers, n_responses=len(records),
-               n_empty=sum(not r["response_token_ids"] for r in records),
-               accuracy=_mean([r["correct"] for r in records if r.get("correct") is not None]))
-    io.write_json(run_path, run)
-    write_report(out)
-    return run
+    def generate(self, problems: list[Problem], done: list[dict]) -> tuple[list[dict], dict]:
+        """(records of ``problems`` in their order, {id: per-head FAI} of the new ones): the ``done``
+        records kept, the others generated, each appended to metrics.jsonl as it comes."""
+        s = self.settings
+        wanted = {p.id for p in problems}
+        done = [r for r in done if r["id"] in wanted]
+        todo = [p for p in problems if p.id not in {r["id"] for r in done}]
+        head_fai, new = {}, []
+        for record in analyze(self.model, self.tokenizer, todo, self.config, prompt=s.prompt,
+                              max_new_tokens=s.max_new_tokens, temperature=s.temperature, batch_size=s.batch_size,
+                              seed=s.seed, backend=s.backend, model_name=s.model, progress=self.progress):
+            head_fai[record["id"]] = record.pop("_head_fai")
+            io.append_jsonl(self.out / "metrics.jsonl", [record])  # a crash keeps every finished response
+            new.append(record)
+        order = {p.id: i for i, p in enumerate(problems)}
+        return sorted(done + new, key=lambda r: order[r["id"]]), head_fai
+
+    def finish(self, generated: tuple[list[dict], dict], run: dict) -> dict:
+        """Receiver heads, couplings, figures and report from all records; returns run.json."""
+        from attnrhythm.studies.figures import choose_figure_record, write_figures
+
+        s, out = self.settings, self.out
+        records, head_fai = generated
+        receivers, table = finalize(self.model, records, head_fai, self.config, backend=s.backend,
+                                    batch_size=s.batch_size, n_boot=s.n_boot, seed=s.seed, progress=self.progress)
+        io.write_jsonl(out / "metrics.jsonl", records)
+        meta = {"model": s.model, "data": s.data, "problems": len(records), "seed": s.seed,
+                "prompt": run["prompt_style"], "command": run["command"] or "(python API)"}
+        io.write_json(out / "couplings.json", dict(meta=meta, table=table))
+        io.write_text(out / "couplings.md", couplings_markdown(table, meta))
+        figure_record = choose_figure_record(records, s.figure_response)
+        run["figure_response"] = figure_record["id"] if figure_record else None
+        run["figures"] = write_figures(self.model, figure_record, out / "figures", self.config) if figure_record else {}
+        run.update(status="complete", finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   receiver_heads=receivers, n_responses=len(records),
+                   n_empty=sum(not r["response_token_ids"] for r in records),
+                   accuracy=_mean([r["correct"] for r in records if r.get("correct") is not None]))
+        io.write_json(out / "run.json", run)
+        write_report(out)
+        return run
 
 
 def _mean(values):
     return sum(values) / len(values) if values else None
-
-
-def _check_resumable(previous: dict, current: dict) -> None:
-    if not previous:
-        raise UserError("cannot resume: run.json is missing, so the settings of the partial run are unknown")
-    diffs = [f"{key}: {previous['settings'].get(key)!r} -> {current['settings'][key]!r}"
-             for key in AnalyzeSettings.RESUME_KEYS if previous["settings"].get(key) != current["settings"][key]]
-    if previous.get("config") != current["config"]:
-        diffs.append("the RhythmConfig differs")
-    if diffs:
-        raise UserError("cannot resume a run with different settings (" + "; ".join(diffs) +
-                        "); use another --out or --overwrite")
 
 
 # ------------------------------------------------------------------ command

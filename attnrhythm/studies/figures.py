@@ -18,7 +18,7 @@ import torch
 
 from attnrhythm.capture import available_bytes, attention_maps, model_layer_count
 from attnrhythm.core.config import RhythmConfig
-from attnrhythm.core.couplings import COUPLINGS, PAPER_TABLE2, find_peaks
+from attnrhythm.core.couplings import ALL_COUPLINGS, COUPLINGS, LABELS, PAPER_TABLE2, find_peaks
 from attnrhythm.io import float_series, write_bytes
 
 
@@ -162,7 +162,7 @@ def sweep_figure(rows: list[dict], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in COUPLINGS if any(r["coupling"] == n for r in rows)]
+    names = [n for n in ALL_COUPLINGS if any(r["coupling"] == n for r in rows)]
     fig, axes = plt.subplots(2, len(names), figsize=(4.2 * len(names), 6.5), squeeze=False)
     for j, name in enumerate(names):
         sub = [r for r in rows if r["coupling"] == name]
@@ -177,7 +177,7 @@ def sweep_figure(rows: list[dict], path) -> None:
             if key == "lift":
                 ax.axhline(0, color="grey", lw=0.8)
             ax.set_xticks(x, [r["rule"] for r in sub], rotation=60, ha="right", fontsize=8)
-            ax.set_title(f"{PAPER_TABLE2[name]['label']}\n{title}" if i == 0 else title, fontsize=9)
+            ax.set_title(f"{LABELS[name]}\n{title}" if i == 0 else title, fontsize=9)
             if i == 0 and j == 0:
                 ax.legend(fontsize=8)
     fig.tight_layout()
@@ -185,3 +185,51 @@ def sweep_figure(rows: list[dict], path) -> None:
     fig.savefig(image, dpi=120, format="png")
     plt.close(fig)
     write_bytes(path, image.getvalue())  # atomic
+
+
+def _finite(v) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def reproduction_figures(folder, table1: dict, ranges: dict) -> dict[str, str]:
+    """``jaccard_top_bottom.png`` (Table 1 beside the paper) and ``couplings_by_layer_range.png``
+    (v2 Table 10) in ``folder``; returns {name: path relative to the folder's parent}."""
+    plt = _pyplot()
+    folder = Path(folder)
+    paths = {}
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    groups = ["top", "bottom"]
+    means = [_finite(table1[g]["mean"]) for g in groups]
+    errors = np.array([[m - _finite(table1[g]["ci"][0]), _finite(table1[g]["ci"][1]) - m]
+                       for g, m in zip(groups, means)]).T
+    ax.bar([0, 1], means, yerr=np.nan_to_num(errors), capsize=6, color=["#d62728", "#1f77b4"], label="ours (95% CI)")
+    ax.scatter([0, 1], [table1[g]["paper"] for g in groups], marker="D", color="k", zorder=3, label="paper")
+    ax.set_xticks([0, 1], ["top-FAI positions", "bottom-FAI positions"])
+    ax.set_ylabel("mean content-word Jaccard")
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title("Perturbation (Table 1)")
+    write_bytes(folder / "jaccard_top_bottom.png", _png(fig))
+    paths["jaccard"] = f"{folder.name}/jaccard_top_bottom.png"
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = ("bottom", "middle", "top")
+    width = 0.8 / len(names)
+    for j, name in enumerate(names):
+        table = ranges.get(name, {}).get("table", {})
+        lifts = [_finite(table.get(c, {}).get("lift")) for c in COUPLINGS]
+        cis = [table.get(c, {}).get("lift_ci") or (np.nan, np.nan) for c in COUPLINGS]
+        err = np.array([[v - _finite(ci[0]), _finite(ci[1]) - v] for v, ci in zip(lifts, cis)]).T
+        ax.bar(np.arange(len(COUPLINGS)) + (j - 1) * width, lifts, width, yerr=np.nan_to_num(err), capsize=3,
+               label=f"{name} third {ranges.get(name, {}).get('layers', '')}")
+    ax.scatter(np.arange(len(COUPLINGS)), [PAPER_TABLE2[c]["lift"] for c in COUPLINGS], marker="D", color="k",
+               zorder=3, label="paper (middle layers)")
+    ax.axhline(0, color="#888", lw=0.8)
+    ax.set_xticks(np.arange(len(COUPLINGS)), ["entropy at\nWAAD peaks", "receiver & global\nFAI peaks",
+                                              "FAI peak after\nWAAD peak"])
+    ax.set_ylabel("lift over random (95% CI)")
+    ax.legend(fontsize=7)
+    ax.set_title("Couplings by layer range (v2 Table 10)")
+    write_bytes(folder / "couplings_by_layer_range.png", _png(fig))
+    paths["ranges"] = f"{folder.name}/couplings_by_layer_range.png"
+    return paths

@@ -23,16 +23,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from attnrhythm import io, log
+from attnrhythm import io, log, models
 from attnrhythm.io import option
 from attnrhythm.core.config import ANALYSIS_HORIZON, RhythmConfig, parse_layers
-from attnrhythm.core.textstats import bootstrap_ci, content_jaccard
+from attnrhythm.core.bootstrap import bootstrap_ci
+from attnrhythm.core.textstats import content_jaccard
 from attnrhythm.data import ProblemSettings
 from attnrhythm.errors import UserError
 from attnrhythm.generation import (PROMPT_STYLES, check_prompt_fits, decode, encode_prompt, greedy_responses, prefill,
                                    problem_prompt, resolve_prompt_style, stop_strings_for, stop_token_ids, strip_stop,
                                    StopStrings)
 from attnrhythm.studies.report import machine_info
+from attnrhythm.studies.resume import check_resume
 
 logger = log.get_logger(__name__)
 
@@ -267,8 +269,8 @@ class PerturbSettings(ProblemSettings):
     n_boot: int = option(2000, "bootstrap resamples over problems")
     html_problems: int = option(4, "problems shown in perturbation.html")
     device: str | None = option(None, "cpu or cuda (none: cuda when available)")
-    dtype: str = option("auto", "auto: bfloat16 on CUDA and on CPUs with bf16 matrix units (AMX/AVX512-BF16), "
-                        "float32 otherwise", choices=("auto", "float32", "bfloat16", "float16"))
+    dtype: str = option("auto", "model dtype (auto: bfloat16 on a GPU, float32 on a CPU)",
+                        choices=("auto", "float32", "bfloat16", "float16"))
     threads: int | None = option(None, "torch CPU threads (1 on a shared machine avoids threads spinning against "
                                  "each other; none: torch's default)")
     resume: bool = option(False, "continue the run in --out (same settings)")
@@ -278,27 +280,13 @@ class PerturbSettings(ProblemSettings):
         return dict(model=self.model, data=self.data, n=self.n, seed=self.seed, k=self.k,
                     alternatives=self.alternatives, max_new_tokens=self.max_new_tokens, min_after=self.min_after,
                     prompt=self.prompt, layers=self.layers, fai_horizon=list(ANALYSIS_HORIZON), heads="global",
-                    n_boot=self.n_boot, decoding="greedy", dtype=resolve_dtype(self.dtype, self.device))
+                    n_boot=self.n_boot, decoding="greedy", dtype=models.resolve_dtype(self.dtype, self.device))
 
     def validate(self) -> None:
         if self.k < 1 or self.alternatives < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
             raise UserError("--k, --alternatives, --max-new-tokens and --batch-size must be at least 1")
         self.check_problem_count()
         parse_layers(self.layers)
-
-
-def resolve_dtype(dtype: str, device: str | None) -> str:
-    """*Decision*: 'auto' decodes in bfloat16 wherever it is fast (as the paper's GPU runs
-    would), else float32.  Greedy decodes differ between dtypes, both are the model's."""
-    if dtype != "auto":
-        return dtype
-    if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:  # not Linux: no cpuinfo to read
-        return "float32"
-    return "bfloat16" if {"amx_bf16", "avx512_bf16"} & set(flags) else "float32"
 
 
 def run_perturbation(settings: PerturbSettings, model=None, tokenizer=None) -> dict:
@@ -315,15 +303,11 @@ def run_perturbation(settings: PerturbSettings, model=None, tokenizer=None) -> d
     if model is not None:
         study["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     saved, problems_done, trials_done = read_records(path)
-    if saved is not None and not settings.resume:
-        raise UserError(f"{path} exists; pass --resume to continue it or choose another --out")
-    if saved is not None and saved != study:
-        changed = {k: [saved.get(k), v] for k, v in study.items() if saved.get(k) != v}
-        raise UserError(f"{path} was made with other settings ([saved, now]): {changed}; use another --out")
+    check_resume("a perturbation study", out, saved, study, sorted(set(saved or {}) | set(study)),
+                 resume=settings.resume)
     done = {p["problem_id"] for p in problems_done}
     problems = [p for p in load_problems(settings.data, settings.n, settings.seed) if p.id not in done]
     if problems and model is None:
-        from attnrhythm import models
         model, tokenizer = models.load_model(settings.model, dtype=study["dtype"], device=settings.device)
     # start from a clean file: settings, then each finished problem's trials and its line
     # (a killed run's unfinished problem leaves orphan trials at the end; they are dropped here)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import math
 import os
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 
 from attnrhythm import io
 from attnrhythm.core.couplings import PAPER_TABLE2
+from attnrhythm.studies.tables import lift, value
 
 
 # ------------------------------------------------------------------ run facts
@@ -61,16 +61,6 @@ def esc(text) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _fmt(v, unit="value") -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "n/a"
-    return f"{100 * v:.2f}%" if unit == "share" else f"{v:.4f}"
-
-
-def _lift(v) -> str:
-    return "n/a" if v is None or not math.isfinite(v) else f"{100 * v:+.2f}%"
-
-
 def _with_ci(row: dict, key: str, fmt) -> str:
     lo, hi = row.get(key + "_ci") or (None, None)
     return f"{fmt(row.get(key))} ({fmt(lo)} to {fmt(hi)})"
@@ -82,11 +72,11 @@ def couplings_html(table: dict) -> str:
     for name, row in table.items():
         paper = PAPER_TABLE2.get(name, {})
         unit = paper.get("unit", "value")
-        value = lambda v: _fmt(v, unit)  # noqa: E731
-        paper_txt = (f"{_fmt(paper['random'], unit)} / {_fmt(paper['observed'], unit)} / {_lift(paper['lift'])}"
+        mean = lambda v: value(v, unit)  # noqa: E731
+        paper_txt = (f"{value(paper['random'], unit)} / {value(paper['observed'], unit)} / {lift(paper['lift'])}"
                      if paper else "-")
-        rows.append(f"<tr><td>{esc(row.get('label', name))}</td><td>{_with_ci(row, 'random', value)}</td>"
-                    f"<td>{_with_ci(row, 'observed', value)}</td><td>{_with_ci(row, 'lift', _lift)}</td>"
+        rows.append(f"<tr><td>{esc(row.get('label', name))}</td><td>{_with_ci(row, 'random', mean)}</td>"
+                    f"<td>{_with_ci(row, 'observed', mean)}</td><td>{_with_ci(row, 'lift', lift)}</td>"
                     f"<td>{row.get('n')} / {row.get('n_skipped')}</td><td>{paper_txt}</td></tr>")
     return "\n".join(rows) + "</table>"
 
