@@ -436,3 +436,33 @@ def test_dense_countdown_reward_orders_by_nearness_and_keeps_exact_and_format():
     dense, plain = get_task("countdown-easy-dense"), get_task("countdown-easy")
     row = plain.load("test", 5, 0)[0]
     assert dense.load("test", 5, 0)[0] == row  # same instances, only the reward differs
+
+
+def test_analysis_counts_verifier_errors_as_eval_does(tiny_model, tokenizer, monkeypatch, caplog):
+    """A verifier bug during analysis scores 0 and is reported; a verifier that fails on every
+    response stops the analysis instead of reporting an accuracy of 0."""
+    pytest.importorskip("math_verify")
+    from attnrhythm.data import Problem
+    from attnrhythm.studies import analyze as analysis
+
+    problems = [Problem(f"q{i}", f"Tom has {i} apples and buys {i + 2} more. How many apples?", "#### 1", "1")
+                for i in range(3)]
+    calls = []
+
+    def flaky(completion, row):
+        calls.append(completion)
+        if len(calls) == 2:
+            raise KeyError("the verifier is broken")
+        return 0.0
+
+    monkeypatch.setattr(analysis, "MATH_ANSWER", Task("math", lambda *a: [], flaky))
+    records = list(analysis.analyze(tiny_model, tokenizer, problems, max_new_tokens=4, batch_size=2))
+    assert [r["correct"] for r in records] == [0.0, 0.0, 0.0] and len(calls) == 3
+    assert "failed on 1 of 3 completions" in caplog.text and "KeyError" in caplog.text
+
+    def broken(completion, row):
+        raise KeyError("the verifier is broken")
+
+    monkeypatch.setattr(analysis, "MATH_ANSWER", Task("math", lambda *a: [], broken))
+    with pytest.raises(RuntimeError, match="every completion"):
+        list(analysis.analyze(tiny_model, tokenizer, problems, max_new_tokens=4, batch_size=2))

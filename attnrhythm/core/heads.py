@@ -1,6 +1,6 @@
 """Head groups: local vs global heads (docs/method.md section 2) and receiver heads.
 
-Pure tensor functions over :class:`~attnrhythm.stats.AttentionStats` fields; no model, no I/O.
+Pure tensor functions over :class:`~attnrhythm.core.stats.AttentionStats` fields; no model, no I/O.
 Shapes: B sequences, L sampled layers, H query heads, N padded length, T response tokens.
 """
 from __future__ import annotations

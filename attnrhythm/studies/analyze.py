@@ -50,6 +50,8 @@ from attnrhythm.studies.records import ANALYSIS_CONFIG, capture_records, finaliz
 from attnrhythm.studies.report import machine_info, write_report
 from attnrhythm.studies.resume import check_resume
 from attnrhythm.studies.tables import couplings_markdown
+from attnrhythm.tasks import check_verifier_errors, score_completions
+from attnrhythm.tasks.math import MATH_ANSWER
 
 logger = log.get_logger(__name__)
 OUTPUTS = ("metrics.jsonl", "run.json", "couplings.json", "couplings.md", "report.html",
@@ -100,12 +102,14 @@ class AnalyzeSettings(ProblemSettings):
         self.config()
 
 
-def _score(response: str, gold: str) -> float | None:
+def _score(response: str, gold: str, errors: list[str]) -> float | None:
+    """math-verify's score (0 where the verifier raised: counted in ``errors``, as train and eval do)."""
     import importlib.util
     if importlib.util.find_spec("math_verify") is None:
         return None  # scoring is optional: without math-verify, correctness is not reported
-    from attnrhythm.tasks.math import score_math
-    return score_math(response, gold)
+    rewards, failed = score_completions(MATH_ANSWER, [response], [{"gold": gold}])
+    errors += failed
+    return rewards[0]
 
 
 def analyze(model, tokenizer, problems: list[Problem], config: RhythmConfig = ANALYSIS_CONFIG, *,
@@ -135,6 +139,7 @@ def analyze(model, tokenizer, problems: list[Problem], config: RhythmConfig = AN
     stop_strings = stop_strings_for(style, tokenizer)
     # one step per generated token; a response that stops early skips the rest of its budget
     bar = tqdm(total=sum(budgets), unit="tok", desc="analyze", disable=not progress)
+    verifier_errors: list[str] = []
     try:
         for start in range(0, len(problems), batch_size):
             chunk = list(range(start, min(len(problems), start + batch_size)))
@@ -149,10 +154,11 @@ def analyze(model, tokenizer, problems: list[Problem], config: RhythmConfig = AN
                 response = tokenizer.decode(s.token_ids, skip_special_tokens=True)
                 yield dict(id=problems[i].id, question=problems[i].question, gold=problems[i].gold,
                            prompt_style=style, prompt=prompts[i], response=response,
-                           correct=_score(response, problems[i].gold), finish_reason=s.finish_reason,
+                           correct=_score(response, problems[i].gold, verifier_errors), finish_reason=s.finish_reason,
                            prompt_token_ids=prompt_ids[i], response_token_ids=s.token_ids,
                            tokens=token_strings(tokenizer, s.token_ids), **m,
                            fai_receiver=None, receiver_heads=None)
+        check_verifier_errors("math", verifier_errors, len(problems))  # eval's rule: stop when all failed
     finally:
         bar.close()
 

@@ -156,6 +156,11 @@ def score_math(completion: str, gold: str, timeout_s: int | None = DEFAULT_TIMEO
 
 
 # ----------------------------------------------------------------------------- the registry's entries
+MATH_ANSWER = Task("math", lambda split, n, seed: [], lambda completion, row: verify_math(completion, row["gold"]))
+"""math-verify of a completion against ``row["gold"]``: the verifier of ``gsm8k`` and ``math-jsonl``, and
+the one the analyses score their problems with (through ``score_completions``, so errors are counted)."""
+
+
 def problem_task(name: str, template: str, path: str | None = None) -> Task:
     """GSM8K (``path`` None: the packaged test problems) or a math JSONL file, with the paper's prompt."""
     def load(split: str, n: int | None, seed: int) -> list[dict]:
@@ -170,8 +175,7 @@ def problem_task(name: str, template: str, path: str | None = None) -> Task:
         return [{"prompt": make(p), "id": p.id, "question": p.question, "gold": p.gold}
                 for p in sample_rows(problems, n, seed)]
 
-    return Task(name, load, lambda completion, row: verify_math(completion, row["gold"]),
-                data_file=path, splits=("test",) if path is None else None)
+    return Task(name, load, MATH_ANSWER.score, data_file=path, splits=("test",) if path is None else None)
 
 
 TASKS = (TaskEntry("gsm8k", "the 100 packaged GSM8K test problems (test split only), math-verify reward",
