@@ -69,7 +69,7 @@ def test_claims_families_and_counting(tmp_path):
     summary = claims_summary(rows)
     assert summary.startswith("Paper's numbers (Tables 1 and 2): 5 numbers: direction reproduced in 3, inconclusive "
                               "in 1, opposite in 1; magnitude reproduced in 0, not reproduced in 4, undetermined in 1")
-    assert "Layer ranges (v2 Table 10): 10 numbers" in summary and "2 more shown that repeat" in summary
+    assert "Layer ranges (v2 Table 10): 10 numbers" in summary and "2 more rows repeat a Table 2 number" in summary
     assert "Co-occurrence with disjoint head sets: 1 numbers: direction reproduced in 1" in summary
     # counted, no number appears twice; receivers ranked in the sampled layers: co-occurrence repeats too
     assert not published.check_claims(dict(claims=rows))
@@ -96,7 +96,7 @@ def test_report_from_constructed_tables(tmp_path):
         assert f"**{r['verdict']}**" in text
     assert f"**Summary. {result['summary']}.**" in text
     assert "## Head overlap" in text and "| Table 2 | 20 | 1 | 13.0 | 0.40 (0-1) | 40 of 100 |" in text
-    assert "disjoint head sets" in text and "(not counted)" in text
+    assert "disjoint head sets" in text and "the Table 2 number again; not counted" in text
     assert "## What holds under every analysis choice" in text
     assert "figures/jaccard_top_bottom.png" in text and "- **model**: m" in text
 

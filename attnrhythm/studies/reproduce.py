@@ -137,12 +137,16 @@ def describe(run: dict, table1: dict, table2: dict, command: str | None, machine
     """The report's header lines (``meta``) from the analysis's run.json and the tables."""
     saved, perturbed = run["settings"], table1["settings"]
     in_table2 = max((row["n"] for row in table2.values()), default=0)
+    analysed = f"{run['n_responses']} analysed, {in_table2} of them in Table 2"
+    if in_table2 < run["n_responses"]:
+        analysed += f" ({run['n_responses'] - in_table2} with no statistic defined: {run.get('n_empty', 0)} empty)"
+    perturbed_text = f"{table1['n_problems']} perturbed, {table1['n_compared']} of them in Table 1"
+    if table1["n_compared"] < table1["n_problems"]:
+        perturbed_text += (f" (the others have no top- and bottom-FAI positions at least {perturbed['min_after']} "
+                           "tokens before the end)")
     return {
         "model": saved["model"], "data": saved["data"],
-        "problems": f"{run['n_responses']} analysed, {in_table2} of them in Table 2 ({run.get('n_empty', 0)} empty "
-                    f"responses); {table1['n_problems']} perturbed, {table1['n_compared']} of them in Table 1 (the "
-                    f"others have no top- and bottom-FAI positions at least {perturbed['min_after']} tokens before "
-                    "the end)",
+        "problems": f"{analysed}; {perturbed_text}",
         "seeds": f"problem sample and sampling seed {saved['seed']}; bootstrap seed {saved['seed']} "
                  f"({saved.get('n_boot')} resamples over problems)",
         "analysis": f"sampling T = {saved['temperature']}, up to {saved['max_new_tokens']} new tokens, "

@@ -143,9 +143,8 @@ def claims_table(rows: list[dict]) -> list[str]:
     for r in rows:
         fmt = FORMATS[r["fmt"]]
         paper = fmt(r["paper"]) + (f" ({r['paper_note']})" if r.get("paper_note") else "")
-        counted = "" if r.get("counted", True) else " (not counted)"
         lines.append(f"| {r['claim']} | {r['table']} | {fmt(r['ours'])} {bracket(r['ci'], fmt)} | {paper} | "
-                     f"**{r['verdict']}**{counted}: {r['why']} |")
+                     f"**{r['verdict']}**: {r['why']} |")
     return lines
 
 
@@ -154,8 +153,12 @@ def choices_table(by_choice: list[dict]) -> list[str]:
              "|---|---|---|---|---|"]
     for c in by_choice:
         cells = [", ".join(c[d]) or "none" for d in ("reproduced", "inconclusive", "opposite")]
-        lines.append(f"| {c['label']}{' (**holds under every choice**)' if c['holds'] else ''} | {len(c['choices'])} | "
-                     + " | ".join(cells) + " |")
+        holds = ""
+        if c["holds"]:
+            missing = c.get("not_measured")
+            holds = (f" (holds under every choice measured; {', '.join(missing)} not measured)" if missing
+                     else " (**holds under every choice**)")
+        lines.append(f"| {c['label']}{holds} | {len(c['choices'])} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -226,7 +226,7 @@ def claims_summary(rows: list[dict]) -> str:
             continue
         text = f"{title}: {summary_line([_as_verdict(r) for r in counted], 'numbers')}"
         if len(mine) > len(counted):
-            text += f" ({len(mine) - len(counted)} more shown that repeat a Table 2 number and are not counted)"
+            text += f"; {len(mine) - len(counted)} more rows repeat a Table 2 number and are not counted"
         parts.append(text)
     return ". ".join(parts)
 
@@ -238,8 +238,10 @@ def directions_by_choice(rows: list[dict], sweep: list[dict] | None, default_rul
     head sets (choices named "disjoint sets, ...").
 
     Returns one dict per coupling: ``coupling``, ``label``, ``choices`` ({choice: direction}),
-    ``holds`` (True when the direction is reproduced under every choice), and the choices by
-    direction (``reproduced``, ``inconclusive``, ``opposite``: lists of names).
+    ``holds`` (True when the direction is reproduced under every choice measured),
+    ``not_measured`` (choices that should be there and are not, e.g. disjoint head sets in a
+    reproduction made before they existed), and the choices by direction (``reproduced``,
+    ``inconclusive``, ``opposite``: lists of names).
     """
     by_key = {r["key"]: r for r in rows if "key" in r}
 
@@ -259,12 +261,14 @@ def directions_by_choice(rows: list[dict], sweep: list[dict] | None, default_rul
 
     out = []
     for coupling in COUPLINGS:
-        choices = choices_of(coupling)
+        choices, missing = choices_of(coupling), []
         if coupling == PAPER_ROW[DISJOINT]:
             choices.update(choices_of(DISJOINT, "disjoint sets, "))
+            if DISJOINT not in by_key:
+                missing.append("disjoint head sets")
         if not choices:
             continue
         grouped = {d: [c for c, v in choices.items() if v == d] for d in ("reproduced", "inconclusive", "opposite")}
-        out.append(dict(coupling=coupling, label=LABELS[coupling], choices=choices,
+        out.append(dict(coupling=coupling, label=LABELS[coupling], choices=choices, not_measured=missing,
                         holds=len(grouped["reproduced"]) == len(choices), **grouped))
     return out
