@@ -31,19 +31,25 @@ if [ -f "$run/metrics.jsonl.gz" ]; then
     fi
 fi
 cp "$run"/figures/*.png "$docs/$folder/figures/"
-python3 - "$run/REPRODUCTION.md" "$doc" "$folder" <<'EOF'
+python3 - "$run/REPRODUCTION.md" "$doc" "$folder" "$docs/$folder" <<'EOF'
 import os, sys
-source, target, folder = sys.argv[1:]
+source, target, folder, stored = sys.argv[1:]
 text = open(source, encoding="utf-8").read().replace("](figures/", f"]({folder}/figures/")
 lines = text.rstrip("\n").split("\n")
+per_problem = {"per_problem.jsonl": "Table 2: problem, claim, observed, random",
+               "per_problem_table1.jsonl": "Table 1: problem, top, bottom",
+               "per_problem_layer_ranges.jsonl": "the layer ranges",
+               "metrics.jsonl.gz": "every response's series, for the peak-rule sweep"}
+present = [f"`{name}` ({what})" for name, what in per_problem.items() if os.path.exists(os.path.join(stored, name))]
 if lines[-1].startswith("Outputs in this folder:"):
     lines[-1] = (f"Stored in [docs/{folder}/]({folder}/): `couplings.json`/`couplings.md` and `run.json` (analysis), "
                  "`perturbation.json` and `perturbation.html` (perturbation), `layer_ranges.json`, `reproduction.json` "
-                 "(everything above), the per-problem files `per_problem.jsonl` (Table 2: problem, claim, observed, "
-                 "random), `per_problem_table1.jsonl` (Table 1: problem, top, bottom), `per_problem_layer_ranges.jsonl` "
-                 "and `metrics.jsonl.gz` (every response's series: the peak-rule sweep), and `figures/`. "
-                 f"`python scripts/check_reproductions.py docs/{folder}` recomputes every lift and interval from them; "
-                 "the command above regenerates all of it.")
+                 "(everything above), `figures/`"
+                 + (f", and the per-problem files {', '.join(present)}. `python scripts/check_reproductions.py "
+                    f"docs/{folder}` recomputes every lift and interval from them" if present else
+                    ". The per-problem files were not published with this run, so its tables cannot be recomputed "
+                    "from docs/ (rerun the command above with this code to get them)")
+                 + "; the command above regenerates all of it.")
 old = open(target, encoding="utf-8").read() if os.path.exists(target) else ""
 start, end = "<!-- findings -->", "<!-- /findings -->"
 if start in old and end in old:
