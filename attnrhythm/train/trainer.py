@@ -52,7 +52,7 @@ from attnrhythm.capture.in_pass import supported as in_pass_supported
 from attnrhythm.core.credit import credit_sets, gamma_statistics_from_sums, gamma_sums, get_credit, shape_advantages
 from attnrhythm.core.heads import HeadSets
 from attnrhythm.core.metrics import calibration_distance, heads_from_distance, rhythm_from_stats
-from attnrhythm.train.callbacks import CompactProgress, MetricsJsonl, truncate_metrics  # noqa: F401 (re-exported)
+from attnrhythm.train.callbacks import truncate_metrics  # noqa: F401 (re-exported for older imports)
 from attnrhythm.train.config import TrainConfig
 from attnrhythm.train.drift import SERIES_KEYS, RolloutSummary, drift_metrics, head_sets, rollout_rows
 
