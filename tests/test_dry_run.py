@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from attnrhythm.errors import UserError
-from attnrhythm.train.dry_run import dry_run, dry_run_report
+from attnrhythm.train.dry_run import dry_run
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_CONFIGS = sorted((ROOT / "examples" / "paper").glob("*.yaml"))
@@ -38,6 +38,10 @@ def offline(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
 
 
+def report(config, **kwargs) -> str:
+    return dry_run(config, **kwargs).text
+
+
 def model_dir(tmp_path, shape, name="model"):
     folder = tmp_path / name
     folder.mkdir()
@@ -46,10 +50,11 @@ def model_dir(tmp_path, shape, name="model"):
 
 
 def dense_params(c):
-    """Independent count: embeddings (+ head), q/k/v/o, gated MLP, 2 norms + q/k norms per layer, final norm."""
+    """Independent count: embeddings (+ head), q/k/v/o, gated MLP, 2 norms per layer, final norm
+    (Qwen3's per-head q/k norms, 2 x head_dim weights per layer, are left out by design)."""
     h, hd = c["hidden_size"], c["head_dim"]
     attn = h * c["num_attention_heads"] * hd * 2 + h * c["num_key_value_heads"] * hd * 2
-    layer = attn + 3 * h * c["intermediate_size"] + 2 * h + 2 * hd
+    layer = attn + 3 * h * c["intermediate_size"] + 2 * h
     return c["vocab_size"] * h * (1 if c["tie_word_embeddings"] else 2) + c["num_hidden_layers"] * layer + h
 
 
@@ -79,7 +84,7 @@ def test_world_size_from_accelerate_config_and_precedence(tmp_path, monkeypatch)
     assert dry_run(PAPER, accelerate_config=str(acc)).values["world_size"] == 4
     assert dry_run(PAPER, world_size=1).values["world_size"] == 1
     monkeypatch.delenv("WORLD_SIZE")
-    assert "assumed: 1 process; set WORLD_SIZE or pass --accelerate-config" in dry_run_report(PAPER)
+    assert "assumed: 1 process; set WORLD_SIZE or pass --accelerate-config" in report(PAPER)
 
 
 def test_not_divisible_is_one_error_line():
@@ -112,7 +117,7 @@ def test_model_shape_from_config_json(tmp_path):
         assert "sampled layers     [12, 15, 18, 21, 24]" in result.text
     # 4.02B and 8.19B: the published sizes (4.0B / 8.2B)
     assert round(dense_params(QWEN3_4B) / 1e9, 2) == 4.02 and round(dense_params(QWEN3_8B) / 1e9, 2) == 8.19
-    assert "~4.02B" in dry_run_report(dict(PAPER, model=str(tmp_path / "q4")), world_size=8)
+    assert "~4.02B" in report(dict(PAPER, model=str(tmp_path / "q4")), world_size=8)
 
 
 def test_sampled_layers_follow_the_layer_count(tmp_path):
@@ -153,15 +158,26 @@ def test_typos_and_bad_names_are_clear(tmp_path):
         dry_run(str(tmp_path / "missing.yaml"))
 
 
-def test_math_jsonl_rows_against_train_size(tmp_path):
+def test_task_rows_are_loaded_as_the_run_loads_them(tmp_path):
     data = tmp_path / "math.jsonl"
     data.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(10)))
     result = dry_run(dict(PAPER, task=f"math-jsonl:{data}", train_size=64), world_size=8)
-    assert result.errors == [f"train_size 64 exceeds the 10 rows of {data}: set train_size <= 10"]
+    assert result.errors == ["task: asked for 64 rows but only 10 are available"]
     ok = dry_run(dict(PAPER, task=f"math-jsonl:{data}", train_size=10), world_size=8)
-    assert ok.ok and f"{data}: 10 rows" in ok.text
-    missing = dry_run(dict(PAPER, task="math-jsonl:no/such.jsonl"), world_size=8)
-    assert missing.ok and any("is not here" in w for w in missing.warnings)
+    assert ok.ok and "training rows      10 loaded" in ok.text
+    # a file that is not here is the run machine's business (a warning), unless the run starts here
+    missing = dict(PAPER, task="math-jsonl:no/such.jsonl")
+    assert "task: no/such.jsonl does not exist" in dry_run(missing, world_size=8).warnings
+    assert dry_run(missing, world_size=8, here=True).errors[0] == "task: no/such.jsonl does not exist"
+    # what is here is checked as the run checks it: a broken line, a file that is not UTF-8
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(data.read_text() + '{"question": "cut\n')
+    assert dry_run(dict(PAPER, task=f"math-jsonl:{broken}", train_size=5), world_size=8).errors == [
+        f"task: {broken}:11: not valid JSON (Invalid control character at)"]
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(json.dumps({"question": "caf\u00e9?", "answer": "1"}).encode().replace(b"\\u00e9", b"\xe9") + b"\n")
+    (err,) = dry_run(dict(PAPER, task=f"math-jsonl:{latin}", train_size=1), world_size=8).errors
+    assert err.startswith(f"task: {latin}: not UTF-8 text (byte ") and "save it as UTF-8" in err
 
 
 def test_yaml_path(tmp_path):

@@ -194,12 +194,18 @@ def test_paper_defaults_reach_grpo_config(tmp_path):
     assert to_grpo_config(TrainConfig(out=str(tmp_path), device="cpu", save_steps=0)).save_strategy.value == "no"
 
 
-def test_incomplete_checkpoint_is_set_aside(tmp_path):
+def test_incomplete_checkpoint_is_set_aside_and_never_chosen(tmp_path):
+    from attnrhythm.train.config import last_checkpoint
+    from attnrhythm.train.evaluate import resolve_model_dir
+
     for step, complete in ((2, True), (4, False)):
         (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "config.json").write_text("{}")  # the model is saved before the state
         if complete:
             (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
-    assert train_run.last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    # eval picks what a resume picks, and changes nothing
+    assert resolve_model_dir(str(tmp_path)) == str(tmp_path / "checkpoint-2") and (tmp_path / "checkpoint-4").is_dir()
+    assert last_checkpoint(str(tmp_path), set_aside=True) == str(tmp_path / "checkpoint-2")
     assert (tmp_path / "checkpoint-4.incomplete").is_dir()
 
 

@@ -11,15 +11,20 @@ TRL's default differs, ``to_grpo_config`` says so next to the value (see docs/tr
 """
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field, fields
 
-from attnrhythm import io
+from attnrhythm import io, log
 from attnrhythm.core.config import RhythmConfig
 from attnrhythm.core.credit import CREDIT_NAMES, get_credit
-from attnrhythm.errors import MissingInput, UserError, closest
+from attnrhythm.errors import MissingInput, UserError, check_device_name, check_fields, closest
+from attnrhythm.io import option
+from attnrhythm.tasks import task_help
 
-CREDITS = CREDIT_NAMES  # the registry's names (attnrhythm.core.credit.CREDITS)
 _RHYTHM_FIELDS = {f.name for f in fields(RhythmConfig)}
+RHYTHM_FLAGS = ("selection", "q", "amp", "k", "alpha", "sign", "head_mode")
+"""The RhythmConfig fields `train` takes as flags (any of them can be set in the YAML)."""
 
 
 # Sizes of a run.  'paper' is the dataclass defaults (the paper's settings); 'cpu' fits a 2-core
@@ -42,97 +47,124 @@ def default_preset() -> str:
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
+def _device(name: str, value) -> None:
+    check_device_name(name, value, auto=True)
+
+
 @dataclass
 class TrainConfig:
-    preset: str | None = None
-    """Sizes: 'cpu', 'gpu' or 'paper' (PRESETS); None = 'gpu' with a CUDA device, else 'cpu'."""
+    """Every field's docstring is its `train --help` text; ``__post_init__`` checks them all
+    (types, bounds, names), so a flag, a YAML file and a Python caller meet the same checks."""
+
+    preset: str | None = option(None, choices=tuple(PRESETS))
+    """Run sizes: cpu, gpu (one GPU) or paper (PRESETS; none: gpu with CUDA, else cpu)."""
 
     # what to train on
     model: str = "smollm2-135m"
-    """Embedded name, local Hugging Face folder or hub id."""
-    task: str = "countdown"
-    """A task name of the registry attnrhythm.tasks.TASKS (`attnrhythm train --help` lists them)."""
-    template: str = "base"
+    """Embedded name (smollm2-135m), local model folder or hub id."""
+    task: str = option("countdown", f"A task of the registry attnrhythm.tasks.TASKS: {task_help()}.")
+    template: str = option("base", choices=("base", "chat"))
     """Prompt template of the task: 'base' (plain text) or 'chat' (messages for an instruct model)."""
-    train_size: int | None = None
-    """Training rows; None = as many prompts as max_steps consumes, at most 20,000 (the paper's Countdown set)."""
+    train_size: int | None = option(None, at_least=1)
+    """Training prompts; none = as many as max_steps consumes, at most 20,000 (the paper's Countdown set)."""
     out: str = "runs/train"
+    """Run folder (config.yaml, metrics.jsonl, checkpoints, the trained model)."""
     reward_function: str | None = None
     """'module:function', a TRL reward function used instead of the task's scorer (shaping experiments, tests)."""
 
     # credit (docs/method.md section 4)
-    credit: str = "coupled"
-    rhythm: RhythmConfig = field(default_factory=RhythmConfig)
+    credit: str = option("coupled", choices=CREDIT_NAMES)
+    """Credit strategy (none = plain GRPO)."""
+    rhythm: RhythmConfig = field(default_factory=RhythmConfig, metadata=dict(flags=RHYTHM_FLAGS))
     """q, amp, k, alpha, sign, selection, head_mode, layers, window, fai_horizon, ..."""
-    head_refresh_steps: int = 50
+    head_refresh_steps: int = option(50, at_least=1)
     """head_mode='fixed': re-classify the heads on the current rollout batch every K optimizer steps."""
-    capture_batch_size: int | None = None
-    """Sequences per attention pass chunk; None = per_device_batch (as TRL's own log-prob pass)."""
+    capture_batch_size: int | None = option(None, at_least=1)
+    """Sequences per attention pass chunk; none = per_device_batch (as TRL's own log-prob pass)."""
     capture_with_none: bool = False
-    """Run the attention pass also for credit='none' (to log head groups and its cost; gamma stays 1)."""
+    """Run the attention pass also for credit 'none' (to log head groups and its cost; gamma stays 1)."""
     zero_equal_groups: bool = True
     """Advantage exactly 0 for groups whose rewards are all equal (TRL's float32 mean leaves ~1e-4
-    residues that Adam turns into full steps); False = stock TRL arithmetic."""
+    residues that Adam turns into full steps); off = stock TRL arithmetic."""
     kl_to_start: bool = False
     """Log the KL of the policy to the starting model per rollout batch (one more model in memory)."""
-    rollout_samples: int = 2
+    rollout_samples: int = option(2, at_least=0)
     """Completions per rollout batch written to DIR/rollouts.jsonl for `attnrhythm credit-view`."""
     one_pass: bool = True
     """Take the attention statistics inside TRL's own log-prob pass when TRL runs one (no extra
-    forward); False, or when TRL skips that pass: a separate attention pass, as before."""
+    forward); off, or when TRL skips that pass: a separate attention pass."""
 
     # GRPO and optimisation: the paper's settings (docs/method.md section 6)
-    num_generations: int = 8
-    per_device_batch: int = 8
-    steps_per_generation: int = 16
+    num_generations: int = option(8, at_least=2)
+    """Completions per prompt (G; GRPO compares the completions of a group)."""
+    per_device_batch: int = option(8, at_least=1)
+    """Completions per optimizer micro-batch and device."""
+    steps_per_generation: int = option(16, at_least=1)
     """Optimizer steps per rollout batch (paper: 512 responses / micro-batch 32 = 16)."""
-    num_iterations: int = 1
-    max_completion_length: int = 1024
-    learning_rate: float = 1e-6
+    num_iterations: int = option(1, at_least=1)
+    """Optimizer passes over each rollout batch (TRL's num_iterations)."""
+    max_completion_length: int = option(1024, at_least=1)
+    """Tokens per completion at most."""
+    learning_rate: float = option(1e-6, above=0)
+    """AdamW learning rate (paper: 1e-6)."""
     lr_scheduler_type: str = "constant"
-    warmup_steps: int = 0
+    """Learning-rate schedule (transformers' names)."""
+    warmup_steps: int = option(0, at_least=0)
+    """Optimizer steps of linear learning-rate warm-up."""
     loss_type: str = "grpo"
-    beta: float = 0.0
-    epsilon: float = 0.2
-    temperature: float = 1.0
+    """TRL's loss_type (grpo: 1/|o| per response, as the paper)."""
+    beta: float = option(0.0, at_least=0)
+    """KL coefficient (paper: 0)."""
+    epsilon: float = option(0.2, at_least=0)
+    """PPO clipping range."""
+    temperature: float = option(1.0, above=0)
+    """Sampling temperature of the rollouts (paper: 1.0)."""
     scale_rewards: str = "group"
-    max_grad_norm: float = 1.0
-    max_steps: int = 8000
+    """TRL's scale_rewards: group, batch or none."""
+    max_grad_norm: float = option(1.0, above=0)
+    """Gradient clipping norm."""
+    max_steps: int = option(8000, at_least=1)
     """Optimizer steps (TRL's unit): 500 rollout batches x 16, the paper's 4B run."""
-    seed: int = 0
+    seed: int = option(0, at_least=0)
+    """Seed of data, sampling and credit."""
 
     # machine
-    device: str = "auto"
-    """'auto' (cuda when available), 'cpu' or 'cuda'."""
-    model_dtype: str = "float32"
+    device: str = option("auto", check=_device)
+    """auto (cuda when available), cpu or cuda."""
+    model_dtype: str = option("float32", choices=("float32", "bfloat16", "float16"))
     """Dtype of the trained weights; mixed precision is `bf16`."""
     bf16: bool | None = None
-    """bf16 autocast; None = on when the device is a CUDA GPU with bf16 support."""
+    """bf16 autocast; none = on when the device is a CUDA GPU with bf16 support."""
     gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass (less memory, slower)."""
     use_vllm: bool = False
+    """Generate with vLLM (TRL's use_vllm; mode etc. via YAML trl:)."""
 
     # warm start, logging, checkpoints
-    sft_warmup_steps: int = 0
-    sft_learning_rate: float = 5e-5
-    logging_steps: int = 1
-    save_steps: int = 100
+    sft_warmup_steps: int = option(0, at_least=0)
+    """Steps of supervised warm start on solver solutions first (Countdown tasks)."""
+    sft_learning_rate: float = option(5e-5, above=0)
+    """Learning rate of that warm start."""
+    logging_steps: int = option(1, at_least=1)
+    """Optimizer steps between log lines."""
+    save_steps: int = option(100, at_least=0)
     """Optimizer steps between checkpoints (transformers also saves at max_steps); 0 = no checkpoints."""
-    save_total_limit: int | None = 2
-    trl: dict = field(default_factory=dict)
+    save_total_limit: int | None = option(2, at_least=1)
+    """Checkpoints kept (older ones are deleted); none = all."""
+    trl: dict = option({}, cli=False)
     """Any other GRPOConfig field, passed through verbatim (e.g. vllm_mode, epsilon_high, report_to)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.rhythm, dict):
+            check_fields(RhythmConfig, self.rhythm)  # a YAML list where a number goes: one line, not a TypeError
             self.rhythm = RhythmConfig.from_dict(self.rhythm)
-        if self.preset is not None and self.preset not in PRESETS:
+        if isinstance(self.preset, str) and self.preset not in PRESETS:
             hint = closest(self.preset, list(PRESETS))
             raise UserError(f"preset must be one of {', '.join(PRESETS)}; got {self.preset!r}"
                             + (f" (did you mean {hint!r}?)" if hint else ""))
-        get_credit(self.credit)  # an unknown name is a UserError naming the closest one
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise UserError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
-        if self.head_refresh_steps < 1:
-            raise UserError(f"head_refresh_steps must be >= 1, got {self.head_refresh_steps}")
+        if isinstance(self.credit, str):
+            get_credit(self.credit)  # an unknown name is a UserError naming the closest one
+        check_fields(self)
         clash = set(self.trl) & ({f.name for f in fields(self)} | set(_MANAGED))
         if clash:
             raise UserError(f"trl: {sorted(clash)} are set by TrainConfig fields; set them there instead")
@@ -171,10 +203,13 @@ class TrainConfig:
             raise UserError(f"unknown config fields: {', '.join(hints)}; known: {', '.join(known)}")
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         rhythm = self.rhythm.to_dict()
-        for key, value in {**(changes.get("rhythm") or {}),
-                           **{k: v for k, v in changes.items() if k in _RHYTHM_FIELDS}}.items():
+        nested = changes.get("rhythm") or {}
+        if not isinstance(nested, dict):
+            raise UserError(f"rhythm must be a mapping of RhythmConfig fields, got {nested!r}")
+        for key, value in {**nested, **{k: v for k, v in changes.items() if k in _RHYTHM_FIELDS}}.items():
             rhythm[key] = _coerce(key, rhythm.get(key), value)
         d.update({k: _coerce(k, d[k], v) for k, v in changes.items() if k in mine and k != "rhythm"})
+        check_fields(RhythmConfig, rhythm)
         d["rhythm"] = RhythmConfig.from_dict(rhythm)
         return TrainConfig(**d)
 
@@ -190,14 +225,15 @@ def _coerce(name: str, current, value):
 
 
 def load_yaml(path) -> dict:
-    """The mapping of a YAML config file; a missing file or bad YAML is a UserError."""
+    """The mapping of a YAML config file; a missing, unreadable or bad file is a UserError."""
     import yaml
 
+    if not os.path.exists(path):
+        raise MissingInput(f"config file {path} does not exist")
+    if os.path.isdir(path):
+        raise UserError(f"config file {path} is a folder; name a YAML file")
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise MissingInput(f"config file {path} does not exist") from None
+        data = yaml.safe_load(io.read_text(path)) or {}
     except yaml.YAMLError as err:
         raise UserError(f"{path} is not valid YAML: {str(err).splitlines()[0]} "
                         f"({' '.join(str(err).split()[1:])[:120]})") from None
@@ -286,4 +322,34 @@ def train_size(config: TrainConfig, world_size: int = 1) -> int:
     return int(min(20_000, max(64, prompts)))
 
 
-__all__ = ["CREDITS", "PRESETS", "TrainConfig", "default_preset", "load_yaml", "resolve_device", "resolved", "save_yaml", "to_grpo_config", "train_size"]
+# ------------------------------------------------------------------ run folders
+def last_checkpoint(out: str, set_aside: bool = False) -> str | None:
+    """The newest complete checkpoint-N of run folder ``out`` (None: there is none).
+    trainer_state.json is written last, so a checkpoint without it was cut by a kill: it is never
+    chosen; a run about to resume (``set_aside``) renames it aside (never loaded, never rotated)."""
+    if not os.path.isdir(out):
+        return None
+    found = []
+    for name in os.listdir(out):
+        step = re.fullmatch(r"checkpoint-(\d+)", name)
+        if step and os.path.isdir(os.path.join(out, name)):
+            if os.path.exists(os.path.join(out, name, "trainer_state.json")):
+                found.append((int(step.group(1)), os.path.join(out, name)))
+            elif set_aside and log.is_main_process():
+                os.replace(os.path.join(out, name), os.path.join(out, name + ".incomplete"))
+    return max(found)[1] if found else None
+
+
+def run_name(run_dir: str) -> str:
+    """The credit strategy of DIR/config.yaml (top-level ``credit``), else the folder name."""
+    try:
+        credit = load_yaml(os.path.join(run_dir, "config.yaml")).get("credit")
+    except UserError:  # no config.yaml, or not one of ours: the folder names the run
+        credit = None
+    if isinstance(credit, dict):  # an early format: {strategy: ...}
+        credit = credit.get("strategy")
+    return str(credit) if isinstance(credit, str) and credit else os.path.basename(os.path.normpath(run_dir))
+
+
+__all__ = ["PRESETS", "TrainConfig", "default_preset", "last_checkpoint", "load_yaml", "resolve_device", "resolved",
+           "run_name", "save_yaml", "to_grpo_config", "train_size"]

@@ -9,22 +9,27 @@ training or writing anything.
 ``dry_run(config)`` returns a ``DryRun``: the report text plus ``errors`` and ``warnings`` (one line
 each; the command exits 2 on an error) and ``values`` (the report's numbers).
 
-What it reads (never writes): the YAML, the task name (``get_task``, no data generated), the data
-file of a ``math-jsonl:``/``choice-jsonl:`` task when it exists (its lines are counted), the model's
-``config.json`` (a local folder, the embedded model's converted cache, or the Hugging Face cache via
-``AutoConfig.from_pretrained(..., local_files_only=True)``), a local tokenizer to measure one
-typical prompt, and the accelerate config when one is given.  Never weights, never the network.
-Nothing about particular models is hard-coded: the shape comes from config.json or is reported as
-unknown.  A typo'd field or preset is a UserError (one line, the closest known name), as in a run.
+What it reads (never writes): the YAML, the training rows exactly as the run loads them (so a
+data file the run would refuse is refused here), the model's ``config.json`` (a local folder, the
+embedded model's converted cache, or the Hugging Face cache via ``AutoConfig.from_pretrained(...,
+local_files_only=True)``), a local tokenizer to measure one typical prompt, and the accelerate
+config when one is given.  Never weights, never the network.  Nothing about particular tasks or
+models is written here: the shape comes from config.json or is reported as unknown.
+
+A real run makes the same checks first (``run.validate``).  The one difference is what is missing
+on this machine (a data file, a hub model not in the local cache while offline): a warning here,
+where a config may be checked for the machine that has them, an error for a run about to start
+here (``here=True``).  What is here is checked as strictly as the run checks it.  ``plan`` is the
+rollout arithmetic both use.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from attnrhythm import io
 from attnrhythm.errors import MissingInput, UserError, closest
 from attnrhythm.train.config import TrainConfig, load_yaml, resolved, train_size
 
@@ -34,6 +39,12 @@ TYPICAL_PROMPT_TOKENS = 256
 CHARS_PER_TOKEN = 3.5
 """Prompt tokens are estimated as ceil(chars / 3.5) when no tokenizer is at hand (BPE on English
 text with digits and symbols: 3-4 characters per token)."""
+
+
+# Rough seconds per generated completion token of a whole rollout batch (generation, reward, the
+# attention pass and its optimizer steps), measured with SmolLM2-135M: CPU, 2 shared cores: one
+# rollout batch of 32 x 128 tokens took 3.5-5 minutes; H200, bf16: 256 x 128 in about 25 s.
+_SECONDS_PER_TOKEN = {"cpu": 0.06, "cuda": 0.0008}
 
 
 @dataclass
@@ -47,6 +58,69 @@ class DryRun:
     @property
     def ok(self) -> bool:
         return not self.errors
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The rollout arithmetic of a run (TRL 1.16, gradient_accumulation_steps = 1)."""
+
+    world_size: int
+    micro_batch: int
+    """Completions per optimizer step: per_device_batch x world size."""
+    completions_per_rollout: int
+    optimizer_steps_per_rollout: int
+    """steps_per_generation x num_iterations."""
+    prompts_per_rollout: float
+    """completions_per_rollout / num_generations (a whole number when the run is valid)."""
+    rollout_batches: float
+    """max_steps / optimizer_steps_per_rollout (the last one is generated whole)."""
+    total_completions: int
+    prompts_needed: int
+    train_size: int
+    epochs: float
+
+
+def plan(config: TrainConfig, world_size: int = 1) -> Plan:
+    """The rollout arithmetic of ``config`` on ``world_size`` processes."""
+    micro = config.per_device_batch * world_size
+    completions = micro * config.steps_per_generation
+    steps = config.steps_per_generation * config.num_iterations
+    prompts = completions / config.num_generations
+    rollouts = config.max_steps / steps
+    needed = math.ceil(math.ceil(rollouts) * prompts)
+    size = train_size(config, world_size)
+    return Plan(world_size, micro, completions, steps, prompts, rollouts, math.ceil(rollouts) * completions, needed,
+                size, needed / size)
+
+
+def plan_line(config: TrainConfig, world_size: int = 1) -> str:
+    """One line: preset, rollout arithmetic and a rough time estimate (for a 135M model)."""
+    p = plan(config, world_size)
+    device = "cpu" if config.device == "cpu" else "cuda"
+    seconds = p.total_completions * config.max_completion_length * _SECONDS_PER_TOKEN[device] / world_size
+    return (f"preset {config.preset}: {math.ceil(p.rollout_batches)} rollout batch(es) of {p.completions_per_rollout} "
+            f"completions ({p.prompts_per_rollout:g} prompts x {config.num_generations}), up to "
+            f"{config.max_completion_length} tokens, {config.max_steps} optimizer steps, lr {config.learning_rate:g}, "
+            f"credit {config.credit}; rough time for a 135M model on {device}: "
+            f"{max(1, round(seconds / 60))} min (larger models take longer)")
+
+
+def load_function(spec: str):
+    """'package.module:function' -> the function."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise UserError(f"reward_function must look like 'module:function', got {spec!r}")
+    try:
+        found = getattr(importlib.import_module(module), name, None)
+    except ModuleNotFoundError as err:
+        if err.name != module.split(".")[0] and err.name != module:
+            raise  # the module exists but its own import is broken: a bug to see in full
+        raise UserError(f"reward_function {spec!r}: no module {module!r} on the Python path") from None
+    if found is None:
+        raise UserError(f"reward_function {spec!r}: {module} has no {name!r}")
+    return found
 
 
 # ----------------------------------------------------------------------------- config
@@ -85,18 +159,18 @@ def _find_model_config(name: str) -> tuple[dict | None, str, str | None]:
         path = folder / "config.json"
         if not path.exists():
             raise MissingInput(f"{name} is a folder without config.json: not a Hugging Face model folder")
-        return json.loads(path.read_text()), f"{path}", str(folder)
+        return io.read_json(path), f"{path}", str(folder)
     from attnrhythm.models import EMBEDDED, cache_dir
 
     if name in EMBEDDED:
         path = cache_dir() / "models" / name / "config.json"  # never converts the GGUF here
         if path.exists():
-            return json.loads(path.read_text()), str(path), str(path.parent)
+            return io.read_json(path), str(path), str(path.parent)
         return None, "embedded model not converted yet (first real run converts it)", None
     try:
         from transformers import AutoConfig
         cfg = AutoConfig.from_pretrained(name, local_files_only=True)
-    except Exception as err:  # offline and not cached, or no transformers: not an error of the config
+    except (OSError, ValueError) as err:  # not in the local cache (transformers says so with an OSError)
         return None, f"model shape unknown offline ({type(err).__name__})", None
     return cfg.to_dict(), "Hugging Face cache", name
 
@@ -108,7 +182,9 @@ def _text_config(cfg: dict) -> dict:
 
 def model_shape(cfg: dict, rhythm) -> dict:
     """Layers, heads, head dim, the layers the attention pass samples and a parameter estimate
-    (dense decoder: embeddings, attention, gated MLP, norms; MoE and other shapes are marked)."""
+    (dense decoder: embeddings, attention, gated MLP, the two norms per layer; per-head q/k norms,
+    where a model has them, are a few thousand weights and left out; MoE and other shapes are
+    marked)."""
     from attnrhythm.core.config import select_layers
 
     c = _text_config(cfg)
@@ -130,8 +206,7 @@ def model_shape(cfg: dict, rhythm) -> dict:
         attn = hidden * heads * head_dim + 2 * hidden * kv * head_dim + heads * head_dim * hidden
         if bias:
             attn += heads * head_dim + 2 * kv * head_dim
-        qk_norm = 2 * head_dim if str(shape["model_type"]).startswith("qwen3") else 0
-        per_layer = attn + 3 * hidden * int(inter) + 2 * hidden + qk_norm
+        per_layer = attn + 3 * hidden * int(inter) + 2 * hidden  # norms inside attention (q/k norms) left out
         params = int(vocab) * hidden * (1 if tied else 2) + L * per_layer + hidden
         shape["params"] = params
     else:
@@ -144,59 +219,35 @@ def _fmt_params(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
-# ----------------------------------------------------------------------------- task
-def _task_rows(task: str) -> tuple[int | None, str | None]:
-    """(rows in the data file of a file task, path) when the file is here; (None, path) when not."""
-    for prefix in ("math-jsonl:", "choice-jsonl:"):
-        if task.startswith(prefix):
-            path = task[len(prefix):]
-            if not os.path.isfile(path):
-                return None, path
-            with open(path, encoding="utf-8") as f:
-                return sum(1 for line in f if line.strip()), path
-    return None, None
-
-
-def _typical_prompt(config: TrainConfig, tokenizer_source: str | None) -> tuple[int, str]:
-    """(tokens, how measured) of one prompt of the task."""
-    text = None
-    try:
-        from attnrhythm.tasks import get_task
-        task = get_task(config.task, config.template)
-        if config.task.startswith(("countdown",)):
-            text = task.load("train", 1, config.seed)[0]["prompt"]
-        else:
-            rows, path = _task_rows(config.task)
-            if rows:
-                text = task.load("train", 1, config.seed)[0]["prompt"]
-    except Exception:
-        text = None
-    if text is None:
+# ----------------------------------------------------------------------------- lengths
+def _prompt_tokens(prompt, tokenizer_source: str | None) -> tuple[int, str]:
+    """(tokens, how measured) of one prompt of the task (None: no rows at hand)."""
+    if prompt is None:
         return TYPICAL_PROMPT_TOKENS, f"assumed {TYPICAL_PROMPT_TOKENS} (no prompt of the task at hand)"
-    if isinstance(text, list):  # chat messages
-        text = "\n".join(m.get("content", "") for m in text)
+    text = "\n".join(m.get("content", "") for m in prompt) if isinstance(prompt, list) else prompt  # chat messages
     folder = Path(tokenizer_source) if tokenizer_source else None
+    unusable = ""
     if folder is not None and (not folder.is_dir() or any(
             (folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))):
         try:  # a folder without tokenizer files is skipped: AutoTokenizer may build an empty one from config.json
             from transformers import AutoTokenizer
-            tok = AutoTokenizer.from_pretrained(tokenizer_source, local_files_only=True)
-            n = len(tok(text)["input_ids"])
+            n = len(AutoTokenizer.from_pretrained(tokenizer_source, local_files_only=True)(text)["input_ids"])
             if n > 0:
                 return n, "measured with the model's tokenizer"
-        except Exception:
-            pass
-    return math.ceil(len(text) / CHARS_PER_TOKEN), f"estimated from {len(text)} characters / {CHARS_PER_TOKEN}"
+        except (OSError, ValueError) as err:  # not cached here, or files it cannot read: estimate instead
+            unusable = f"; the tokenizer is not usable here ({type(err).__name__})"
+    return math.ceil(len(text) / CHARS_PER_TOKEN), f"estimated from {len(text)} characters / {CHARS_PER_TOKEN}{unusable}"
 
 
 # ----------------------------------------------------------------------------- report
 def dry_run(config, *, world_size: int | None = None, accelerate_config: str | None = None,
-            env: dict | None = None, resolve_model: bool = True, resume: str | bool | None = None,
-            source: str | None = None) -> DryRun:
+            env: dict | None = None, resume: str | bool | None = None, source: str | None = None,
+            here: bool = False) -> DryRun:
     """Resolve ``config`` (TrainConfig, mapping or YAML path) and check it: rollout arithmetic,
-    task, model, lengths, `trl:` keys, the accelerate config.  World size: ``world_size`` > env
-    ``WORLD_SIZE`` > ``num_processes`` of ``accelerate_config`` > 1.  ``resume``: the checkpoint a
-    ``--resume`` would continue from (False: --resume given but there is none)."""
+    task rows, reward function, model, lengths, `trl:` keys, the accelerate config.  World size:
+    ``world_size`` > env ``WORLD_SIZE`` > ``num_processes`` of ``accelerate_config`` > 1.
+    ``resume``: the checkpoint a ``--resume`` would continue from (False: --resume given but there
+    is none).  ``here``: the run starts on this machine, so what is missing here is an error."""
     env = os.environ if env is None else env
     config, loaded_from = _load(config)
     source = source or loaded_from
@@ -210,14 +261,14 @@ def dry_run(config, *, world_size: int | None = None, accelerate_config: str | N
         import torch
         if not torch.cuda.is_available():  # checked off the target machine: assume its GPU has bf16
             config, bf16_note = config.update({"bf16": True}), " (auto: assumes the run's GPU has bf16)"
-    preset = config.preset
     errors, warnings, lines = [], [], []
-    G, per_device, spg, iters = config.num_generations, config.per_device_batch, config.steps_per_generation, config.num_iterations
+    G, per_device, spg = config.num_generations, config.per_device_batch, config.steps_per_generation
+    p = plan(config, world)
 
     lines.append(f"attnrhythm train --dry-run  ({source})")
     lines.append(f"  model        {config.model}")
     lines.append(f"  task         {config.task} (template {config.template})")
-    lines.append(f"  preset       {preset or '(none)'}")
+    lines.append(f"  preset       {config.preset or '(none)'}")
     lines.append(f"  credit       {config.credit} (q {config.rhythm.q}, amp {config.rhythm.amp}, W {config.rhythm.window}, "
                  f"FAI horizon {list(config.rhythm.fai_horizon)}, layers {config.rhythm.layers})")
     lines.append(f"  device       {config.device}" + (" (auto)" if asked.device == "auto" else "")
@@ -231,125 +282,104 @@ def dry_run(config, *, world_size: int | None = None, accelerate_config: str | N
     # when TrainingArguments.bf16 is False (measured: ValueError before the first step)
     if accelerate_config is not None:
         acc = load_yaml(accelerate_config)
-        mixed = str(acc.get("mixed_precision", "no"))
-        if mixed == "bf16" and not config.bf16:
+        if str(acc.get("mixed_precision", "no")) == "bf16" and not config.bf16:
             errors.append(f"{accelerate_config} sets mixed_precision bf16 but the run resolves bf16 to False: "
                           f"set bf16: true in the run config (or mixed_precision 'no' in the accelerate config)")
         if acc.get("distributed_type") == "DEEPSPEED" and config.device == "cpu" and env.get("DS_ACCELERATOR") != "cpu":
             warnings.append("DeepSpeed on CPU: launch with DS_ACCELERATOR=cpu (gloo backend; see examples/zero3_cpu/README.md)")
 
     # TRL passthrough: names must be GRPOConfig fields (a typo there would only fail at launch)
-    try:
-        from trl import GRPOConfig
-        known = {f.name for f in fields(GRPOConfig)}
-        for key in sorted(set(config.trl) - known):
-            guess = closest(key, known)
-            errors.append(f"trl: {key!r} is not a GRPOConfig field" + (f" (did you mean {guess!r}?)" if guess else ""))
-    except ImportError:
-        warnings.append("trl is not installed here: trl: keys not checked")
+    from trl import GRPOConfig
+    known = {f.name for f in fields(GRPOConfig)}
+    for key in sorted(set(config.trl) - known):
+        guess = closest(key, known)
+        errors.append(f"trl: {key!r} is not a GRPOConfig field" + (f" (did you mean {guess!r}?)" if guess else ""))
     if "generation_batch_size" in config.trl:
         errors.append("trl: generation_batch_size and steps_per_generation are both set (TRL accepts one); "
                       "set steps_per_generation only")
 
-    # rollout arithmetic (TRL 1.16, gradient_accumulation_steps = 1)
-    micro = per_device * world
-    completions = micro * spg
-    per_rollout_steps = spg * iters
-    values = {"world_size": world, "micro_batch": micro, "completions_per_rollout": completions,
-              "optimizer_steps_per_rollout": per_rollout_steps, "preset": preset}
+    # rollout arithmetic
     lines.append("rollout arithmetic")
-    lines.append(f"  micro-batch        {per_device} per device x {world} = {micro} completions per optimizer step")
-    lines.append(f"  rollout batch      {micro} x {spg} steps_per_generation = {completions} completions")
-    if G < 2:
-        errors.append(f"num_generations must be >= 2 (GRPO compares completions within a group), got {G}")
-    if completions % max(G, 1):
-        errors.append(f"rollout batch of {completions} completions ({per_device} x {world} x {spg}) is not divisible "
-                      f"by num_generations {G}")
-        prompts_per = completions / max(G, 1)
-        lines.append(f"  prompts            {completions} / {G} = {prompts_per:.2f}: NOT a whole number")
+    lines.append(f"  micro-batch        {per_device} per device x {world} = {p.micro_batch} completions per optimizer step")
+    lines.append(f"  rollout batch      {p.micro_batch} x {spg} steps_per_generation = {p.completions_per_rollout} completions")
+    if p.completions_per_rollout % G:
+        errors.append(f"rollout batch of {p.completions_per_rollout} completions ({per_device} x {world} x {spg}) is "
+                      f"not divisible by num_generations {G}")
+        lines.append(f"  prompts            {p.completions_per_rollout} / {G} = {p.prompts_per_rollout:.2f}: NOT a whole number")
     else:
-        prompts_per = completions // G
-        lines.append(f"  prompts            {completions} / {G} generations = {prompts_per} prompts per rollout batch")
-    lines.append(f"  optimizer steps    {spg} per rollout batch" + (f" x {iters} iterations = {per_rollout_steps}" if iters > 1 else ""))
-    rollouts = config.max_steps / per_rollout_steps
-    if config.max_steps % per_rollout_steps:
-        warnings.append(f"max_steps {config.max_steps} is not a multiple of {per_rollout_steps} optimizer steps per "
-                        f"rollout batch: the last rollout batch ({config.max_steps % per_rollout_steps} of its "
-                        f"{per_rollout_steps} steps) is generated but only partly trained on")
-    n_rollouts = math.ceil(rollouts)
-    total_completions = n_rollouts * completions
-    prompts_needed = math.ceil(n_rollouts * prompts_per)
-    lines.append(f"  rollout batches    max_steps {config.max_steps} / {per_rollout_steps} = "
-                 + (f"{int(rollouts)}" if rollouts == int(rollouts) else f"{rollouts:.2f} (generates {n_rollouts})"))
-    lines.append(f"  total completions  {n_rollouts} x {completions} = {total_completions:,}")
-    size = train_size(config, world)
-    epochs = prompts_needed / size if size else float("inf")
-    lines.append(f"  training prompts   {n_rollouts} x {prompts_per:g} = {prompts_needed:,} needed; train_size {size:,}"
-                 f"{'' if config.train_size is not None else ' (library default)'} -> {epochs:.2f} epochs")
-    values.update(prompts_per_rollout=prompts_per, rollout_batches=rollouts, total_completions=total_completions,
-                  prompts_needed=prompts_needed, train_size=size, epochs=epochs)
+        lines.append(f"  prompts            {p.completions_per_rollout} / {G} generations = {p.prompts_per_rollout:g} "
+                     "prompts per rollout batch")
+    steps, iters = p.optimizer_steps_per_rollout, config.num_iterations
+    lines.append(f"  optimizer steps    {spg} per rollout batch" + (f" x {iters} iterations = {steps}" if iters > 1 else ""))
+    if config.max_steps % steps:
+        warnings.append(f"max_steps {config.max_steps} is not a multiple of {steps} optimizer steps per rollout batch: "
+                        f"the last rollout batch ({config.max_steps % steps} of its {steps} steps) is generated but "
+                        "only partly trained on")
+    rollouts = p.rollout_batches
+    lines.append(f"  rollout batches    max_steps {config.max_steps} / {steps} = "
+                 + (f"{int(rollouts)}" if rollouts == int(rollouts) else f"{rollouts:.2f} (generates {math.ceil(rollouts)})"))
+    lines.append(f"  total completions  {math.ceil(rollouts)} x {p.completions_per_rollout} = {p.total_completions:,}")
+    lines.append(f"  training prompts   {math.ceil(rollouts)} x {p.prompts_per_rollout:g} = {p.prompts_needed:,} needed; "
+                 f"train_size {p.train_size:,}{'' if asked.train_size is not None else ' (library default)'} -> "
+                 f"{p.epochs:.2f} epochs")
+    values = {"preset": config.preset, **{k: getattr(p, k) for k in (
+        "world_size", "micro_batch", "completions_per_rollout", "optimizer_steps_per_rollout", "prompts_per_rollout",
+        "rollout_batches", "total_completions", "prompts_needed", "train_size", "epochs")}}
 
-    # the task: its name, and for file tasks the file's rows
+    # the task: its rows, loaded as the run loads them
+    rows = None
     try:
         from attnrhythm.tasks import get_task
-        get_task(config.task, config.template)
+        rows = get_task(config.task, config.template).load("train", p.train_size, config.seed)
+        lines.append(f"  training rows      {len(rows):,} loaded (as the run loads them)")
+    except MissingInput as err:
+        (errors if here else warnings).append(f"task: {err}")
     except UserError as err:
         errors.append(f"task: {err}")
-    rows, path = _task_rows(config.task)
-    if path is not None and rows is None:
-        warnings.append(f"data file {path} is not here: its rows are checked at launch (train_size {size:,} needs that many)")
-    elif rows is not None:
-        lines.append(f"  data file          {path}: {rows:,} rows")
-        if size > rows:
-            errors.append(f"train_size {size:,} exceeds the {rows:,} rows of {path}: set train_size <= {rows:,}")
-    if config.task == "gsm8k":
-        errors.append("task gsm8k: the packaged GSM8K has only a 'test' split; train on math-jsonl:PATH")
     if config.reward_function is not None:
-        from attnrhythm.train.run import load_function
         try:
             load_function(config.reward_function)
         except UserError as err:
             errors.append(str(err))
 
     # the model
+    from attnrhythm.models import check_model
     shape, cfg, tok_source = None, None, None
-    if resolve_model:
-        from attnrhythm.models import check_model
-        try:
-            check_model(config.model)
-            cfg, where, tok_source = _find_model_config(config.model)
-        except MissingInput as err:
-            if os.path.exists(config.model):
-                errors.append(f"model: {err}")
-            else:  # a hub id that is not cached while offline: a run on the target machine downloads it
-                warnings.append(f"model: {err}")
-            where = "unknown here (not in the local cache)"
-        except UserError as err:
+    try:
+        check_model(config.model)
+        cfg, where, tok_source = _find_model_config(config.model)
+    except MissingInput as err:
+        if here or os.path.exists(config.model):
             errors.append(f"model: {err}")
-            where = "not found"
-        lines.append("model")
-        if cfg is None:
-            lines.append(f"  shape              {where}")
+        else:  # a hub id that is not cached while offline: a run on the target machine downloads it
+            warnings.append(f"model: {err}")
+        where = "unknown here (not in the local cache)"
+    except UserError as err:
+        errors.append(f"model: {err}")
+        where = "not found"
+    lines.append("model")
+    if cfg is None:
+        lines.append(f"  shape              {where}")
+    else:
+        try:
+            shape = model_shape(cfg, config.rhythm)
+        except (KeyError, TypeError, ValueError) as err:
+            lines.append(f"  shape              config.json incomplete ({err})")
         else:
-            try:
-                shape = model_shape(cfg, config.rhythm)
-            except (KeyError, TypeError, ValueError) as err:
-                lines.append(f"  shape              config.json incomplete ({err})")
+            lines.append(f"  config             {where} ({shape['model_type']})")
+            lines.append(f"  layers             {shape['layers']}, heads {shape['heads']}, kv heads {shape['kv_heads']}, "
+                         f"head dim {shape['head_dim']}, hidden {shape['hidden']}, context {shape['context']}")
+            lines.append(f"  sampled layers     {shape['sampled_layers']} ({config.rhythm.layers})")
+            if shape["params"]:
+                n = shape["params"]
+                lines.append(f"  parameters         ~{_fmt_params(n)} (dense decoder estimate); bf16 weights {2 * n / 2**30:.1f} GiB; "
+                             f"ZeRO-3 shard of weights+grads+Adam (2+2+12 bytes) {16 * n / world / 2**30:.1f} GiB per process")
             else:
-                lines.append(f"  config             {where} ({shape['model_type']})")
-                lines.append(f"  layers             {shape['layers']}, heads {shape['heads']}, kv heads {shape['kv_heads']}, "
-                             f"head dim {shape['head_dim']}, hidden {shape['hidden']}, context {shape['context']}")
-                lines.append(f"  sampled layers     {shape['sampled_layers']} ({config.rhythm.layers})")
-                if shape["params"]:
-                    p = shape["params"]
-                    lines.append(f"  parameters         ~{_fmt_params(p)} (dense decoder estimate); bf16 weights {2 * p / 2**30:.1f} GiB; "
-                                 f"ZeRO-3 shard of weights+grads+Adam (2+2+12 bytes) {16 * p / world / 2**30:.1f} GiB per process")
-                else:
-                    lines.append(f"  parameters         unknown ({shape['params_note']})")
-                values["shape"] = shape
+                lines.append(f"  parameters         unknown ({shape['params_note']})")
+            values["shape"] = shape
 
     # lengths: completion + a typical prompt against the model's context (and vLLM's)
-    prompt_tokens, how = _typical_prompt(config, tok_source)
+    prompt_tokens, how = _prompt_tokens(rows[0]["prompt"] if rows else None, tok_source)
     seq = prompt_tokens + config.max_completion_length
     lines.append("lengths")
     lines.append(f"  typical prompt     {prompt_tokens} tokens ({how})")
@@ -374,18 +404,10 @@ def dry_run(config, *, world_size: int | None = None, accelerate_config: str | N
         values["attention_pass_gib"] = gib
 
     lines.append("checks")
-    for w in warnings:
-        lines.append(f"  warning: {w}")
-    for e in errors:
-        lines.append(f"  error: {e}")
+    lines += [f"  warning: {w}" for w in warnings] + [f"  error: {e}" for e in errors]
     if not warnings and not errors:
         lines.append("  ok")
     return DryRun("\n".join(lines), errors, warnings, values)
 
 
-def dry_run_report(config, **kwargs) -> str:
-    """The dry-run report of ``config`` as text (see ``dry_run`` for the keyword arguments)."""
-    return dry_run(config, **kwargs).text
-
-
-__all__ = ["DryRun", "dry_run", "dry_run_report", "model_shape"]
+__all__ = ["DryRun", "Plan", "dry_run", "load_function", "model_shape", "plan", "plan_line"]

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from attnrhythm import generation, io, log
-from attnrhythm.errors import UserError
+from attnrhythm.errors import UserError, check_device, check_fields
 from attnrhythm.io import option
 from attnrhythm.tasks import check_verifier_errors, get_task, score_completions, task_help
+from attnrhythm.train.config import last_checkpoint
 
 logger = log.get_logger(__name__)
 
@@ -119,14 +120,22 @@ def evaluate(model, tokenizer, task, n: int = 512, samples: int = 1, temperature
 
 # ----------------------------------------------------------------------------- command line
 def resolve_model_dir(path: str) -> str:
-    """A run folder without a saved model at its top -> its latest checkpoint-N folder."""
+    """A run folder without a saved model at its top -> its latest complete checkpoint-N folder."""
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
-        steps = [int(d.split("-")[-1]) for d in os.listdir(path)
-                 if d.startswith("checkpoint-") and d.split("-")[-1].isdigit()
-                 and os.path.exists(os.path.join(path, d, "config.json"))]
-        if steps:
-            return os.path.join(path, f"checkpoint-{max(steps)}")
+        return last_checkpoint(path) or path
     return path
+
+
+def read_result(path) -> dict:
+    """An eval.json written by `attnrhythm eval`, checked: a file of another shape is a UserError
+    naming it (not a KeyError deep inside a comparison)."""
+    result = io.read_json(path)
+    problems = result.get("problems") if isinstance(result, dict) else None
+    if not (isinstance(problems, list) and isinstance(result.get("metrics"), dict) and all(
+            isinstance(p, dict) and isinstance(p.get("scores"), list) and p["scores"]
+            and all(isinstance(x, (int, float)) for x in p["scores"]) for p in problems)):
+        raise UserError(f"{path} is not an eval result of `attnrhythm eval` (settings, metrics, problems with scores)")
+    return result
 
 
 def format_table(results: list[dict]) -> str:
@@ -150,19 +159,29 @@ class EvalSettings:
                         "checkpoint) or hub id")
     task: str = option("countdown", task_help())
     template: str = option("base", "prompt template: plain text or chat messages", choices=("base", "chat"))
-    n: int = option(512, "test problems (the paper's Countdown test set: 512)")
-    samples: int = option(1, "completions per problem: 1 = pass@1, k = avg@k and pass@k")
+    n: int = option(512, "test problems (the paper's Countdown test set: 512)", at_least=1)
+    samples: int = option(1, "completions per problem: 1 = pass@1, k = avg@k and pass@k", at_least=1)
     temperature: float | None = option(None, "sampling temperature (none: greedy for --samples 1, 1.0 for "
-                                       "--samples > 1)")
-    max_new_tokens: int = option(256, "tokens per completion at most")
-    batch_size: int = option(32, "completions generated together")
-    seed: int = option(0, "draws the test problems and seeds sampling")
+                                       "--samples > 1; 0: greedy)", at_least=0)
+    max_new_tokens: int = option(256, "tokens per completion at most", at_least=1)
+    batch_size: int = option(32, "completions generated together", at_least=1)
+    seed: int = option(0, "draws the test problems and seeds sampling", at_least=0)
     split: str = option("test", "which split to draw from (final: countdown-pairs' held-out final test set)",
                         choices=("test", "final", "train"))
-    dtype: str = option("auto", "auto (bfloat16 on a GPU, else float32), float32, bfloat16")
-    device: str | None = option(None, "cuda or cpu (none: cuda when available)")
-    step: int | None = option(None, "training step of this model, recorded for `plot`")
+    dtype: str = option("auto", "auto (bfloat16 on a GPU, else float32), float32, bfloat16",
+                        choices=("auto", "float32", "bfloat16", "float16"))
+    device: str | None = option(None, "cuda or cpu (none: cuda when available)", check=check_device)
+    step: int | None = option(None, "training step of this model, recorded for `plot`", at_least=0)
     out: str | None = option(None, "write the JSON result here (e.g. RUN_DIR/eval.json)")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        check_fields(self)
+        if self.samples > 1 and self.temperature == 0:
+            raise UserError(f"--samples {self.samples} with --temperature 0: greedy decoding gives the same completion "
+                            "every time; give a temperature above 0 or --samples 1")
 
 
 SETTINGS = EvalSettings
@@ -173,8 +192,7 @@ def run_evaluation(settings: EvalSettings) -> dict:
     the model; returns (and with ``out`` writes) the result."""
     from attnrhythm import models
 
-    if settings.samples < 1 or settings.n < 1:
-        raise UserError(f"--samples and --n must be at least 1, got {settings.samples} and {settings.n}")
+    settings.validate()
     task = get_task(settings.task, settings.template)
     rows = task.load(settings.split, settings.n, settings.seed)  # a missing data file fails here, not later
     path = resolve_model_dir(settings.model)

@@ -11,21 +11,23 @@ paper's running peak (docs/method.md section 6)
 
 Evaluation results are drawn as markers at their ``step`` (the run's last training step when the
 file has none).  The legend is the run's credit strategy (``DIR/config.yaml``), else the folder name.
-Missing metrics are skipped with a note, never an error: runs log different keys.
+A metric one run lacks is skipped with a note (runs log different keys); a folder with nothing to
+draw, or a metric no run has, is an error that lists what there is.
 """
 from __future__ import annotations
 
 import glob
-from io import BytesIO
 import math
 import os
 from dataclasses import dataclass
 
-import yaml
-
 from attnrhythm import io, log
-from attnrhythm.errors import UserError
+from attnrhythm.errors import MissingInput, UserError, check_fields
 from attnrhythm.io import option
+from attnrhythm.train.config import run_name
+
+SIGNATURE = "attnrhythm plot"
+"""Written into every figure's metadata: `plot --out` replaces only a figure it drew."""
 
 logger = log.get_logger(__name__)
 
@@ -83,20 +85,18 @@ def series(records: list[dict], metric: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pts], [float(p[1]) for p in pts]
 
 
-def run_name(run_dir: str) -> str:
-    """The credit strategy of DIR/config.yaml (top-level ``credit``), else the folder name."""
-    path = os.path.join(run_dir, "config.yaml")
-    try:
-        with open(path) as f:
-            config = yaml.safe_load(f) or {}
-        credit = config.get("credit")
-        if isinstance(credit, dict):  # tolerate a nested {strategy: ...}
-            credit = credit.get("strategy")
-        if credit:
-            return str(credit)
-    except (OSError, yaml.YAMLError, AttributeError):
-        pass
-    return os.path.basename(os.path.normpath(run_dir))
+def known_metrics(run_dirs: list[str]) -> list[str]:
+    """Every metric key logged in metrics.jsonl or evaluated in eval*.json of the runs (a folder
+    with neither is a UserError)."""
+    keys = set()
+    for run_dir in run_dirs:
+        records, evals = read_metrics(run_dir), read_evals(run_dir)
+        if not records and not evals:
+            raise MissingInput(f"{run_dir} has no metrics.jsonl or eval*.json to draw: name the folder of a "
+                               "`attnrhythm train` run")
+        keys |= {k for r in records for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        keys |= {k for e in evals for k in e["metrics"]}
+    return sorted(keys - {"step"})
 
 
 def _names(run_dirs: list[str]) -> list[str]:
@@ -116,6 +116,10 @@ def plot_runs(run_dirs: list[str], metrics=("reward",), out: str = "curves.png",
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    known = known_metrics(run_dirs)
+    missing = [m for m in metrics if find_key(known, m) is None]
+    if missing:
+        raise UserError(f"no run has {', '.join(map(repr, missing))}; the runs have: {', '.join(known)}")
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     summary: dict = {}
@@ -149,10 +153,7 @@ def plot_runs(run_dirs: list[str], metrics=("reward",), out: str = "curves.png",
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    image = BytesIO()
-    fig.savefig(image, dpi=120, format=os.path.splitext(out)[1][1:] or "png")
-    plt.close(fig)
-    io.write_bytes(out, image.getvalue())  # atomic: a half-written image is never left behind
+    io.write_figure(fig, out, SIGNATURE)  # atomic: a half-written image is never left behind
     return summary
 
 
@@ -163,11 +164,16 @@ class PlotSettings:
     runs: list[str] = option([], "run folders (metrics.jsonl, optional eval*.json)", positional=True, metavar="DIR")
     metric: list[str] = option(["reward"], "metric keys to plot, one panel each (reward, accuracy, loss, "
                                "rhythm/gamma_mean, ...)")
-    out: str = option("curves.png", "PNG to write")
-    alpha: float = option(0.1, "running-peak smoothing a in (0, 1]")
+    out: str = option("curves.png", "figure to write (.png, .pdf or .svg)")
+    alpha: float = option(0.1, "running-peak smoothing a in (0, 1]", above=0, at_most=1)
     title: str | None = option(None, "figure title")
     rhythm: bool = option(False, "draw the rhythm drift per rollout batch instead (head-set overlap with the first "
                           "batch, group distances, WAAD/FAI means and peak densities, gamma set shares)")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not self.runs or not self.metric:
+            raise UserError("plot needs at least one run folder and one --metric")
 
 
 SETTINGS = PlotSettings
@@ -176,7 +182,7 @@ SETTINGS = PlotSettings
 def command(settings: PlotSettings, command_line: str | None = None) -> int:
     missing = [d for d in settings.runs if not os.path.isdir(d)]
     if missing:
-        raise UserError(f"not a folder: {', '.join(missing)}")
+        raise MissingInput(f"not a folder: {', '.join(missing)}")
     if settings.rhythm:
         from attnrhythm.train.rhythm_views import plot_rhythm
 

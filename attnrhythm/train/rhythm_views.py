@@ -14,12 +14,14 @@ from __future__ import annotations
 import html
 import os
 from dataclasses import dataclass
-from io import BytesIO
 
 from attnrhythm import io, log
-from attnrhythm.errors import MissingInput, UserError
+from attnrhythm.errors import MissingInput, UserError, check_fields
 from attnrhythm.io import option
-from attnrhythm.train.plot import run_name
+from attnrhythm.train.config import run_name
+
+SIGNATURE = "attnrhythm plot"
+"""The drift figure is drawn by `attnrhythm plot --rhythm` and signed as its figures are."""
 
 DRIFT_PANELS = [
     ("head sets vs first rollout (Jaccard)", ["rhythm/jaccard_local", "rhythm/jaccard_global"]),
@@ -38,6 +40,26 @@ SET_NAMES = {"local": "preplan", "anchor": "anchor", "dominated": "dominated anc
 
 def _records(path: str) -> list[dict]:
     return [r for r in io.read_jsonl(path) if isinstance(r, dict)]  # a cut last line is dropped
+
+
+def read_rollouts(run: str) -> list[dict]:
+    """The rollouts of DIR/rollouts.jsonl, each checked: tokens (strings), gamma (numbers) and
+    every other per-token list given, of one length; a damaged record is a UserError naming the
+    file and line."""
+    path = os.path.join(run, "rollouts.jsonl")
+    kinds = {"tokens": str, "gamma": (int, float), "sets": str, "fai": (int, float, type(None)),
+             "waad": (int, float, type(None))}
+    rows = []
+    for number, r in io.numbered_jsonl(path):
+        r = r if isinstance(r, dict) else {}
+        n = len(r.get("tokens") or [])
+        bad = [k for k, kind in kinds.items() if (k in ("tokens", "gamma") or r.get(k) is not None) and not (
+            isinstance(r.get(k), list) and len(r[k]) == n and all(isinstance(v, kind) for v in r[k]))]
+        if bad:
+            raise UserError(f"{path}:{number}: not a rollout of `attnrhythm train` ({', '.join(bad)}: missing, of "
+                            "another length than tokens, or of the wrong type); the file is damaged")
+        rows.append(r)
+    return rows
 
 
 def _label(run: str) -> str:
@@ -76,10 +98,11 @@ def plot_rhythm(runs: list[str], out: str) -> list[str]:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle("rhythm drift per rollout batch")
     fig.tight_layout()
-    image = BytesIO()
-    fig.savefig(image, dpi=110, format="png")
-    plt.close(fig)
-    io.write_bytes(out, image.getvalue())
+    if len(empty) == len(DRIFT_PANELS):
+        plt.close(fig)
+        raise UserError(f"none of {', '.join(runs)} logged rhythm drift (rhythm/jaccard_local in metrics.jsonl): it "
+                        "is logged by runs whose credit captures attention (any but none, or capture_with_none)")
+    io.write_figure(fig, out, SIGNATURE)
     return empty
 
 
@@ -94,10 +117,14 @@ def _colour(gamma: float, lo: float, hi: float) -> str:
 
 def credit_view(run: str, out: str, steps: list[int] | None = None) -> int:
     """Write the credit view of ``run`` (rollouts at ``steps``, default all) to ``out``; returns
-    the number of rollouts shown."""
-    rows = _records(os.path.join(run, "rollouts.jsonl"))
+    the number of rollouts shown.  Nothing to show is a UserError (no page)."""
+    rows = read_rollouts(run)
+    logged = sorted({r.get("step") for r in rows if isinstance(r.get("step"), int)})
     if steps:
         rows = [r for r in rows if r.get("step") in set(steps)]
+    if not rows:
+        raise UserError(f"{run}/rollouts.jsonl has no rollouts" + (f" at step {', '.join(map(str, steps))}; "
+                        f"logged steps: {', '.join(map(str, logged)) or 'none'}" if steps else ""))
     parts = [f"<h1>credit view: {html.escape(_label(run))}</h1>",
              "<p>Each token is coloured by its gamma (red &gt; 1, blue &lt; 1) and underlined by its credit set: "
              + " ".join(f'<span style="border-bottom:3px solid {c}">{html.escape(SET_NAMES.get(n, n))}</span>'
@@ -135,14 +162,17 @@ class CreditViewSettings:
     steps: list[int] | None = option(None, "optimizer steps to show (none: every logged rollout)")
     out: str = option("credit_view.html", "HTML file to write")
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if len(self.run) != 1:
+            raise UserError(f"credit-view takes one run folder, got {len(self.run)}")
+
 
 SETTINGS = CreditViewSettings
 
 
 def command(settings: CreditViewSettings, command_line: str | None = None) -> int:
     """`attnrhythm credit-view RUN`: the sampled rollouts with every token coloured by its gamma."""
-    if len(settings.run) != 1:
-        raise UserError(f"credit-view takes one run folder, got {len(settings.run)}")
     run = settings.run[0]
     if not os.path.exists(os.path.join(run, "rollouts.jsonl")):
         raise MissingInput(f"{run} has no rollouts.jsonl: it is written by `attnrhythm train` when the credit "

@@ -22,14 +22,16 @@ import ast
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from fractions import Fraction
+from pathlib import Path
 
 import torch
 
 from attnrhythm import io, log
-from attnrhythm.errors import UserError
+from attnrhythm.errors import UserError, check_fields
 from attnrhythm.io import option
 from attnrhythm.generation import prompt_text
 from attnrhythm.tasks import get_task, solve_countdown
@@ -188,27 +190,53 @@ def warm_start(model, tokenizer, rows: list[dict], steps: int, lr: float = 1e-4,
 class SftSettings:
     """What `attnrhythm sft` trains and where it saves the warm model."""
 
-    out: str = option("runs/warm", "folder to save the warm model and tokenizer to")
+    out: str = option("runs/warm", "folder to save the warm model and tokenizer to (new, empty or an earlier warm "
+                      "start's)")
     model: str = option("smollm2-135m", "embedded name, local model folder or hub id")
     task: str = option("countdown-easy", "a Countdown variant", choices=tuple(VARIANTS))
     template: str = option("base", "prompt template: plain text or chat messages", choices=("base", "chat"))
-    n: int = option(2000, "train-split instances to draw")
-    steps: int = option(30, "optimizer steps")
-    lr: float = option(1e-4, "AdamW learning rate")
-    batch_size: int = option(8, "examples per step")
+    n: int = option(2000, "train-split instances to draw", at_least=1)
+    steps: int = option(30, "optimizer steps", at_least=1)
+    lr: float = option(1e-4, "AdamW learning rate", above=0)
+    batch_size: int = option(8, "examples per step", at_least=1)
     seed: int = option(1234, "data and order seed (differs from RL's prompt seed, so RL mostly sees fresh train "
-                       "instances)")
+                       "instances)", at_least=0)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 SETTINGS = SftSettings
+STAGING = ".partial"
+"""Inside the output folder: the model is saved here first and moved into place file by file
+(config.json and warm_start.json last), so a killed save never looks like a warm start."""
+
+
+def _save(model, tokenizer, info: dict, out: str) -> None:
+    """Save into ``out`` through STAGING; a staging folder left by a killed sft (its marker names
+    sft) is replaced, anything else there is refused."""
+    staging = Path(out) / STAGING
+    if staging.exists():
+        if io.written_by(staging) != ["sft"]:
+            raise UserError(f"{staging} was not made by `attnrhythm sft`; move it away or choose another --out")
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    io.mark(staging, "sft")
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    io.write_json(staging / "warm_start.json", info)
+    saved = io.folder_entries(staging)
+    last = [name for name in ("config.json", "warm_start.json") if name in saved]
+    for name in [n for n in saved if n not in last] + last:
+        os.replace(staging / name, Path(out) / name)
+    shutil.rmtree(staging)
 
 
 def run_warm_start(settings: SftSettings) -> dict:
     """Train and save the warm start (checked before the model is loaded); returns its record."""
     from attnrhythm import models
 
-    if settings.steps < 1 or settings.n < 1 or settings.batch_size < 1:
-        raise UserError("--steps, --n and --batch-size must be at least 1")
+    check_fields(settings)
     task = get_task(settings.task, settings.template)
     models.check_model(settings.model)
     model, tokenizer = models.load_model(settings.model, dtype="float32")
@@ -218,17 +246,8 @@ def run_warm_start(settings: SftSettings) -> dict:
     record = warm_start(model, tokenizer, rows, settings.steps, lr=settings.lr, batch_size=settings.batch_size,
                         seed=settings.seed, log_every=10, final_fraction=final_fraction)
     after = sft_loss(model, tokenizer, rows[:32], final_fraction=final_fraction)
-    # save into a staging folder and rename: a half-written model folder is never picked up
-    staging = settings.out.rstrip("/") + ".partial"
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
     info = {**asdict(settings), "loss_before": before, "loss_after": after, **record}
-    io.write_json(os.path.join(staging, "warm_start.json"), info)
-    if os.path.exists(settings.out):
-        import shutil
-
-        shutil.rmtree(settings.out)
-    os.replace(staging, settings.out)
+    _save(model, tokenizer, info, settings.out)
     return info
 
 
