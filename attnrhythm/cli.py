@@ -124,6 +124,7 @@ def _add_flag(parser, flag: str, dest: str, kind, meta: dict, help_text: str, de
     """One flag; ``kind`` its type (a Literal gives the choices, a bool gives --x/--no-x where
     ``default`` is True or not given)."""
     common = dict(dest=dest, default=default, help=f"{help_text} (default: {_shown(shown)})".replace("%", "%%"))
+    metavar = flag[2:].replace("-", "_").upper()
     choices = meta.get("choices")
     if typing.get_origin(kind) is typing.Literal:
         kind, choices = type(typing.get_args(kind)[0]), typing.get_args(kind)
@@ -132,9 +133,9 @@ def _add_flag(parser, flag: str, dest: str, kind, meta: dict, help_text: str, de
     elif kind is bool:
         parser.add_argument(flag, action="store_const", const=True, **common)
     elif typing.get_origin(kind) is list:
-        parser.add_argument(flag, nargs="+", type=typing.get_args(kind)[0], **common)
+        parser.add_argument(flag, nargs="+", type=typing.get_args(kind)[0], metavar=metavar, **common)
     else:
-        parser.add_argument(flag, type=kind, choices=choices, **common)
+        parser.add_argument(flag, type=kind, choices=choices, metavar=None if choices else metavar, **common)
 
 
 def _add_given_flags(parser, field: dataclasses.Field) -> None:

@@ -43,7 +43,7 @@ from attnrhythm.capture import BACKENDS, check_backend_memory, resolve_layers
 from attnrhythm.core.config import RhythmConfig, parse_horizon, parse_layers
 from attnrhythm.data import Problem, ProblemSettings
 from attnrhythm.io import option
-from attnrhythm.errors import UserError
+from attnrhythm.errors import UserError, check_device, check_fields
 from attnrhythm.generation import (PROMPT_STYLES, check_prompt_fits, encode_prompt, problem_prompt, prompt_text,
                                    resolve_prompt_style, row_seed, sample_responses, stop_strings_for, token_strings)
 from attnrhythm.studies.records import ANALYSIS_CONFIG, capture_records, finalize, receiver_layers_of
@@ -64,22 +64,22 @@ class AnalyzeSettings(ProblemSettings):
 
     prompt: str = option("auto", "auto: chat template for instruct models (SmolLM2), the paper's plain prompt "
                          "otherwise", choices=PROMPT_STYLES)
-    max_new_tokens: int = option(384, "tokens per response at most")
-    temperature: float = option(0.7, "sampling temperature (paper: 0.7; 0 = greedy)")
-    batch_size: int = option(8, "responses generated and captured together")
+    max_new_tokens: int = option(384, "tokens per response at most", at_least=1)
+    temperature: float = option(0.7, "sampling temperature (paper: 0.7; 0 = greedy)", at_least=0)
+    batch_size: int = option(8, "responses generated and captured together", at_least=1)
     backend: str = option("streaming", "streaming: statistics in blocks of rows, memory linear in the length; "
                           "eager: HF output_attentions (the reference)", choices=BACKENDS)
-    n_boot: int = option(2000, "bootstrap resamples for the 95% intervals")
+    n_boot: int = option(2000, "bootstrap resamples for the 95% intervals", at_least=1)
     figure_response: str | None = option(None, "problem id of the response drawn in the figures (none: the "
                                          "longest complete response)")
     out: str = option("runs/analyze", "output folder")
     layers: str = option("middle", "sampled layers: middle, bottom, top, all, or a comma list")
     fai_horizon: str = option("analysis", "FAI rows: analysis (every later token), rl (10,100), v1 (10,50) or "
                               "LO,HI (LO, = to the end)")
-    receiver_heads: int = option(RhythmConfig.n_receiver_heads, "receiver heads kept")
+    receiver_heads: int = option(RhythmConfig.n_receiver_heads, "receiver heads kept", at_least=1)
     receiver_layers: str = option(RhythmConfig.receiver_layers, "rank receiver heads over every layer (the "
                                   "paper's choice) or only the sampled --layers", choices=("all", "sampled"))
-    device: str | None = option(None, "cuda, cpu, ... (none: cuda when available)")
+    device: str | None = option(None, "cuda, cpu, ... (none: cuda when available)", check=check_device)
     dtype: str = option("auto", "model dtype (auto: bfloat16 on a GPU, float32 on a CPU)",
                         choices=("auto", "float32", "bfloat16", "float16"))
     resume: bool = option(False, "continue a partial run in --out, skipping finished problems")
@@ -96,8 +96,7 @@ class AnalyzeSettings(ProblemSettings):
     def validate(self) -> None:
         """Refuse what cannot give a result, warn about what gives an unreliable one; before
         anything is loaded."""
-        if self.batch_size < 1 or self.max_new_tokens < 1 or self.n_boot < 1:
-            raise UserError("--batch-size, --max-new-tokens and --n-boot must be at least 1")
+        check_fields(self)  # types and the bounds declared above
         self.check_problem_count()
         self.config()
 
@@ -278,6 +277,10 @@ def run_analysis_command(settings: AnalyzeSettings, command: str | None = None, 
     settings.validate()
     check_backend(settings.backend)
     problems = load_problems(settings.data, settings.n, settings.seed)
+    if settings.figure_response is not None and settings.figure_response not in {p.id for p in problems}:
+        ids = [p.id for p in problems]
+        raise UserError(f"--figure-response {settings.figure_response!r} is not a problem of this run; its problems: "
+                        f"{', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''}")
     if model is None:
         model, tokenizer = models.load_model(settings.model, dtype=settings.dtype, device=settings.device)
     return run_analysis(model, tokenizer, problems, settings.out, settings, settings.config(), command=command)

@@ -29,7 +29,7 @@ from attnrhythm.core.config import ANALYSIS_HORIZON, RhythmConfig, parse_layers
 from attnrhythm.core.bootstrap import bootstrap_ci
 from attnrhythm.core.textstats import content_jaccard
 from attnrhythm.data import ProblemSettings
-from attnrhythm.errors import UserError
+from attnrhythm.errors import UserError, check_device, check_fields
 from attnrhythm.generation import (PROMPT_STYLES, check_prompt_fits, decode, encode_prompt, greedy_responses, prefill,
                                    problem_prompt, resolve_prompt_style, stop_strings_for, stop_token_ids, strip_stop,
                                    StopStrings)
@@ -258,21 +258,22 @@ class PerturbSettings(ProblemSettings):
     """Everything a `perturb` run needs; ``study()`` is the part a resumed run must match."""
 
     out: str = option("runs/perturb", "output folder (perturbations.jsonl, perturbation.json, .html)")
-    k: int = option(3, "top-k and bottom-k FAI positions per problem")
-    alternatives: int = option(3, "forced alternatives per position")
-    max_new_tokens: int = option(256, "token budget of every response")
-    min_after: int = option(10, "skip positions followed by fewer original tokens (0: only undefined FAI is skipped)")
+    k: int = option(3, "top-k and bottom-k FAI positions per problem", at_least=1)
+    alternatives: int = option(3, "forced alternatives per position", at_least=1)
+    max_new_tokens: int = option(256, "token budget of every response", at_least=1)
+    min_after: int = option(10, "skip positions followed by fewer original tokens (0: only undefined FAI is skipped)",
+                         at_least=0)
     prompt: str = option("auto", "auto: chat template for instruct models (SmolLM2), the paper's prompt otherwise",
                          choices=PROMPT_STYLES)
     layers: str = option("middle", "layers whose heads give FAI: middle, bottom, top, all or a comma list")
-    batch_size: int = option(8, "original responses decoded together")
-    n_boot: int = option(2000, "bootstrap resamples over problems")
-    html_problems: int = option(4, "problems shown in perturbation.html")
-    device: str | None = option(None, "cpu or cuda (none: cuda when available)")
+    batch_size: int = option(8, "original responses decoded together", at_least=1)
+    n_boot: int = option(2000, "bootstrap resamples over problems", at_least=1)
+    html_problems: int = option(4, "problems shown in perturbation.html", at_least=0)
+    device: str | None = option(None, "cpu or cuda (none: cuda when available)", check=check_device)
     dtype: str = option("auto", "model dtype (auto: bfloat16 on a GPU, float32 on a CPU)",
                         choices=("auto", "float32", "bfloat16", "float16"))
     threads: int | None = option(None, "torch CPU threads (1 on a shared machine avoids threads spinning against "
-                                 "each other; none: torch's default)")
+                                 "each other; none: torch's default)", at_least=1)
     resume: bool = option(False, "continue the run in --out (same settings)")
 
     def study(self) -> dict:
@@ -283,8 +284,7 @@ class PerturbSettings(ProblemSettings):
                     n_boot=self.n_boot, decoding="greedy", dtype=models.resolve_dtype(self.dtype, self.device))
 
     def validate(self) -> None:
-        if self.k < 1 or self.alternatives < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
-            raise UserError("--k, --alternatives, --max-new-tokens and --batch-size must be at least 1")
+        check_fields(self)  # types and the bounds declared above
         self.check_problem_count()
         parse_layers(self.layers)
 

@@ -29,6 +29,7 @@ from attnrhythm import io, log
 from attnrhythm.core.couplings import DISJOINT
 from attnrhythm.core.peak_rules import DEFAULT_RULES, coupling_sweep
 from attnrhythm.data import ProblemSettings
+from attnrhythm.errors import check_device, check_fields
 from attnrhythm.generation import PROMPT_STYLES
 from attnrhythm.io import option
 from attnrhythm.studies import perturb, published
@@ -52,23 +53,24 @@ class ReproduceSettings(ProblemSettings):
     share with it (same names), unless the folder already holds them."""
 
     out: str = option("runs/reproduce", "output folder, shared with analyze and perturb")
-    max_new_tokens: int = option(256, "token budget of analysis and perturbation")
-    temperature: float = option(0.7, "analysis sampling temperature (paper: 0.7)")
+    max_new_tokens: int = option(256, "token budget of analysis and perturbation", at_least=1)
+    temperature: float = option(0.7, "analysis sampling temperature (paper: 0.7)", at_least=0)
     prompt: str = option("auto", "auto: chat template for instruct models, the paper's prompt otherwise",
                          choices=PROMPT_STYLES)
-    batch_size: int = option(8, "responses per generation/capture batch")
-    n_boot: int = option(2000, "bootstrap resamples for the 95% intervals")
-    k: int = option(3, "perturbation: top-k and bottom-k FAI positions")
-    alternatives: int = option(3, "perturbation: forced alternatives per position")
-    min_after: int = option(10, "perturbation: skip positions this close to the end")
+    batch_size: int = option(8, "responses per generation/capture batch", at_least=1)
+    n_boot: int = option(2000, "bootstrap resamples for the 95% intervals", at_least=1)
+    k: int = option(3, "perturbation: top-k and bottom-k FAI positions", at_least=1)
+    alternatives: int = option(3, "perturbation: forced alternatives per position", at_least=1)
+    min_after: int = option(10, "perturbation: skip positions this close to the end", at_least=0)
     dtype: str = option("auto", "model dtype of analysis and perturbation (auto: bfloat16 on a GPU, float32 on a "
                         "CPU)", choices=DTYPES)
-    device: str | None = option(None, "cpu or cuda (none: cuda when available)")
-    threads: int | None = option(None, "torch CPU threads (1 on a shared machine; none: torch's default)")
+    device: str | None = option(None, "cpu or cuda (none: cuda when available)", check=check_device)
+    threads: int | None = option(None, "torch CPU threads (1 on a shared machine; none: torch's default)", at_least=1)
     command_line: str | None = option(None, "", cli=False)
     """The command that ran this (for the report); None from Python."""
 
     def validate(self) -> None:
+        check_fields(self)  # types and the bounds declared above
         self.check_problem_count()
 
 
