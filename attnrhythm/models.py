@@ -143,6 +143,26 @@ def embedded_model_dir(name: str = "smollm2-135m") -> Path:
     return target
 
 
+def _check_safetensors(path: Path) -> None:
+    """A weights file cut short (a killed copy or download) is refused here, in one line, instead of
+    failing inside the loader: its header must parse and its tensors must end within the file."""
+    import json
+    import struct
+
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        try:
+            header = json.loads(f.read(length)) if length is not None and 8 + length <= size else None
+            ends = [int(t["data_offsets"][1]) for k, t in (header or {}).items() if k != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError):
+            header = None
+    if header is None or 8 + length + max(ends, default=0) > size:
+        raise UserError(f"{path}: damaged weights file (its header or tensors end past its {size} bytes); "
+                        "copy or save the model again")
+
+
 def check_model(name_or_path: str) -> str:
     """What ``name_or_path`` is ('embedded', 'folder' or 'hub'), checked without loading or
     converting anything, so a command can refuse a typo before it starts."""
@@ -152,6 +172,8 @@ def check_model(name_or_path: str) -> str:
     if os.path.isdir(name_or_path):
         if not os.path.exists(os.path.join(name_or_path, "config.json")):
             raise MissingInput(f"{name_or_path} is a folder without config.json: not a Hugging Face model folder")
+        for weights in sorted(Path(name_or_path).glob("*.safetensors")):
+            _check_safetensors(weights)
         return "folder"
     if os.path.exists(name_or_path):
         raise UserError(f"{name_or_path} is a file; pass a model folder, a hub id or one of {sorted(EMBEDDED)}")
