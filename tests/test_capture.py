@@ -307,3 +307,75 @@ def test_model_state_restored_after_capture_and_error():
     with pytest.raises(ValueError):
         capture_statistics(model, torch.randint(3, 259, (1, 300)))
     assert model.training and model.config._attn_implementation == "sdpa"
+
+
+# ---------------------------------------------------------------- receiver layers, nesting and threads
+@pytest.mark.parametrize("backend", ["streaming", "eager"])
+def test_receiver_layers_captured_narrow_give_the_same_metrics(tiny_models, backend):
+    """``capture_with_receivers``: the receiver layers that are not sampled keep only
+    ``receiver_band_width`` diagonals (4 at the analysis defaults, against a band of 10), and the
+    receiver scores and per-head FAI read from them equal those of a full-band capture of every
+    layer bitwise; one diagonal fewer would not do."""
+    from attnrhythm.core.metrics import per_head_fai, response_positions
+
+    model = tiny_models["llama_gqa"]
+    config = RhythmConfig(layers=[1, 2], fai_horizon=ANALYSIS_HORIZON)
+    input_ids, attention_mask, response = padded_batch(sequences(seed=6), left=True)
+    wide = capture_statistics(model, input_ids, attention_mask, config=config, layers=[0, 1, 2, 3], backend=backend)
+    stats, receivers = capture.capture_with_receivers(model, input_ids, attention_mask, config=config,
+                                                      receiver_layers=[3, 0, 1, 2], backend=backend)
+    width = capture.receiver_band_width(config)
+    assert receivers.band.shape[-1] == width == 4 and stats.band.shape[-1] == config.band_width == 10
+    assert receivers.layers == [0, 1, 2, 3] and stats.layers == [1, 2]
+    sampled = wide.subset([1, 2])
+    for key in ("row_distance", "band", "col_sum", "entropy"):
+        torch.testing.assert_close(getattr(stats, key), getattr(sampled, key), rtol=0, atol=0, equal_nan=True)
+    for key in ("row_distance", "col_sum"):
+        assert torch.equal(getattr(receivers, key), getattr(wide, key)), key
+    assert torch.equal(receivers.band, wide.band[..., :width])
+    positions, mask = response_positions(response)
+    same = lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)  # noqa: E731
+    same(receiver_kurtosis(receivers, response, config.receiver_gap), receiver_kurtosis(wide, response, 4))
+    same(per_head_fai(receivers, positions, mask, config.fai_horizon),
+         per_head_fai(wide, positions, mask, config.fai_horizon))
+    short = receivers.subset([0])
+    short.band = short.band[..., :width - 1]
+    with pytest.raises(ValueError, match="band width"):
+        receiver_kurtosis(short, response, config.receiver_gap)
+    on_cpu = capture.capture_with_receivers(model, input_ids, attention_mask, config=config, receiver_layers=[0],
+                                            backend=backend, device="cpu")[1]
+    assert torch.equal(on_cpu.band, receivers.band[:, :1]) and on_cpu.band.device.type == "cpu"
+
+
+def test_captures_nest_and_threads_do_not_meet(tiny_models):
+    """The capture in flight is a context variable: a capture inside another's block runs and
+    restores the outer one, and two threads capturing at once (both held mid-pass by a barrier)
+    get their own statistics."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from attnrhythm.capture import streaming
+
+    input_ids, attention_mask, _ = padded_batch(sequences(seed=7), left=True)
+    models = [tiny_models["llama"], tiny_models["qwen3"]]
+    run = lambda model: capture_statistics(model, input_ids, attention_mask, config=CONFIG)  # noqa: E731
+    want = [run(model) for model in models]
+    with streaming.streaming_capture([1], 12, attention_mask.bool()) as outer:
+        inner = run(models[1])
+        assert streaming.active() is outer and outer.stats is None  # the inner capture filled its own
+    assert streaming.active() is None
+    assert torch.equal(inner.band, want[1].band)
+    barrier = threading.Barrier(2, timeout=60)
+
+    def meet(*args):  # both captures are in flight when either passes layer 2
+        barrier.wait()
+
+    hooks = [model.model.layers[2].register_forward_pre_hook(meet) for model in models]
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(run, models))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for g, w in zip(got, want):
+        assert torch.equal(g.band, w.band) and torch.equal(g.col_sum, w.col_sum)

@@ -1,6 +1,6 @@
-"""What the capture backends share: model geometry, input checks, the capture mode, the attention
-arguments a capture implements, and token entropy from the final hidden states (in chunks: the
-[N, vocabulary] logits never exist at once)."""
+"""What the capture backends share: model geometry, input checks, the band a receiver layer keeps,
+the capture mode, the attention arguments a capture implements, and token entropy from the final
+hidden states (in chunks: the [N, vocabulary] logits never exist at once)."""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from attnrhythm.core.config import RhythmConfig, select_layers
+from attnrhythm.core.stats import AttentionStats, empty_stats
 from attnrhythm.errors import UserError
 
 
@@ -24,6 +25,37 @@ def model_layer_count(model) -> int:
 
 def resolve_layers(model, config: RhythmConfig, layers=None) -> list[int]:
     return select_layers(config.layers if layers is None else layers, model_layer_count(model), config.n_layers_sampled)
+
+
+def receiver_band_width(config: RhythmConfig) -> int:
+    """Diagonals a receiver layer that is not sampled must keep: the vertical scores read the
+    first ``receiver_gap`` (``core/metrics.receiver_vertical_scores``) and the per-head FAI the
+    first ``lo`` with a horizon to the end, or up to ``hi`` (``future_column_sums``).  4 with the
+    analysis defaults (gap 4, horizon (1, None)) against ``config.band_width`` = 10."""
+    lo, hi = config.fai_horizon
+    return max(config.receiver_gap, lo if hi is None else hi + 1)
+
+
+def assemble_receivers(sampled: AttentionStats, narrow: AttentionStats | None, receivers: list[int], width: int,
+                       device=None) -> AttentionStats:
+    """Statistics of ``receivers`` (in that order, band ``width``) from a capture's two parts:
+    each layer from ``sampled`` (its band cut to ``width``) or from ``narrow`` (the receiver
+    layers that were not sampled).  Built on ``device`` (default: the capture's), so a caller
+    that moves the result off the GPU holds no second copy there."""
+    device = sampled.row_distance.device if device is None else torch.device(device)
+    batch, _, heads, length = sampled.row_distance.shape
+    sinks = sampled.row_mass is not None or (narrow is not None and narrow.row_mass is not None)
+    out = empty_stats(receivers, batch, heads, length, width, sampled.valid, device, row_mass=sinks)
+    for slot, layer in enumerate(receivers):
+        source = sampled if layer in sampled.layers else narrow
+        at = source.layers.index(layer)
+        out.row_distance[:, slot] = source.row_distance[:, at]
+        out.col_sum[:, slot] = source.col_sum[:, at]
+        out.band[:, slot] = source.band[:, at, ..., :width]
+        if sinks:  # a layer captured before any sink was seen has mass 1 on every real row
+            mass = source.row_mass[:, at] if source.row_mass is not None else out.valid[:, None].float()
+            out.row_mass[:, slot] = mass
+    return out
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnrhythm.capture.common import available_bytes, capture_mode, masked_entropy, model_layer_count, text_config
+from attnrhythm.capture.common import (available_bytes, capture_mode, masked_entropy, model_layer_count,
+                                       receiver_band_width, text_config)
 from attnrhythm.core.config import RhythmConfig
 from attnrhythm.core.stats import AttentionStats, accumulate_rows, empty_stats
 from attnrhythm.errors import NotEnoughMemory, UserError
@@ -38,8 +39,9 @@ def has_attention_sinks(model) -> bool:
 
 
 def capture(model, kwargs: dict, layers: list[int], config: RhythmConfig, valid: Tensor, entropy: bool,
-            block_bytes: int | None = None) -> AttentionStats:
-    """Statistics of ``layers`` from full maps (``block_bytes`` is not used here)."""
+            block_bytes: int | None = None, narrow_layers: list[int] = ()):
+    """(statistics of ``layers``, of ``narrow_layers`` (band ``receiver_band_width``) or None)
+    from full maps (``block_bytes`` is not used here)."""
     input_ids = kwargs["input_ids"]
     batch, length = input_ids.shape
     check_memory(model, batch, length, input_ids.device)
@@ -49,13 +51,17 @@ def capture(model, kwargs: dict, layers: list[int], config: RhythmConfig, valid:
         if out.attentions is None or any(a is None for a in out.attentions):
             raise UserError(f"{type(model).__name__} returned no attention maps with output_attentions=True; "
                             "it cannot be captured")
-        stats = empty_stats(layers, batch, heads, length, config.band_width, valid, input_ids.device,
-                            row_mass=has_attention_sinks(model))
-        for slot, layer in enumerate(layers):
-            accumulate_rows(stats, slot, out.attentions[layer].float(), 0, 0)
+        groups = [(layers, config.band_width), (list(narrow_layers), receiver_band_width(config))]
+        results = []
+        for group, width in groups[:2 if narrow_layers else 1]:
+            stats = empty_stats(group, batch, heads, length, width, valid, input_ids.device,
+                                row_mass=has_attention_sinks(model))
+            for slot, layer in enumerate(group):
+                accumulate_rows(stats, slot, out.attentions[layer].float(), 0, 0)
+            results.append(stats)
         if entropy:
-            stats.entropy = masked_entropy(model, out.last_hidden_state, valid, config.entropy_temperature)
-    return stats
+            results[0].entropy = masked_entropy(model, out.last_hidden_state, valid, config.entropy_temperature)
+    return results[0], (results[1] if narrow_layers else None)
 
 
 def attention_maps(model, input_ids: Tensor, layers: list[int]) -> Tensor:

@@ -3,15 +3,23 @@
 Two kernels per sampled layer, both reading q [B,Hq,N,D] and k (and v) [B,Hkv,N,D] in place
 (any strides; query head h reads KV head h // (Hq/Hkv), K and V are never repeated):
 
-1. ``_forward_kernel``, one program per (query block, sequence x query head): a flash-attention
+1. ``forward_kernel``, one program per (query block, sequence x query head): a flash-attention
    forward with online softmax in float32.  It writes the attention output the model continues
-   with, the running max ``m`` and normaliser ``l`` of every row (log-sum-exp = m + log l), and
-   the row distance sum_s A[t,s] (t - s), accumulated online like the output (one more column).
-2. ``_column_kernel``, one program per (key block, sequence x query head): recomputes
+   with (unless ``write_output=False``: statistics only, beside the model's own output), the
+   running max ``m`` and normaliser ``l`` of every row, and the row distance sum_s A[t,s] (t - s),
+   accumulated online like the output (one more column).
+2. ``column_kernel``, one program per (key block, sequence x query head): recomputes
    ``A[t,s] = exp(q.k * scale - m_t) / l_t`` tile by tile over the query blocks at or below the
    diagonal, sums columns in registers (no atomics, deterministic) and stores the band
    ``A[t, t-o]`` for o < W straight from the tile (each (t, o) lies in exactly one tile).
    Without column sums it visits only the query blocks within the band (O(N W) work).
+
+The kernels themselves are in ``capture/fused_kernels.py`` (base-2 logits, a folded grid,
+compile-time head dim, 64-bit offsets where needed).  Launches run under the tensors' own CUDA
+device.  Matmul precision: 16-bit inputs use tensor cores with float32 accumulation; float32
+inputs use exact float32 products ("ieee", no tensor cores) unless torch is set to allow TF32
+(``torch.set_float32_matmul_precision("high")``), the rule torch's own float32 matmuls (and so
+the block path) follow; TF32 rounds the inputs to 10 mantissa bits, ~1e-3 relative in the logits.
 
 Masks are computed on chip: causal, optional sliding window (t - s < window), key validity from
 the 2-D padding mask (left or right padding, mixed lengths, holes), logit softcapping
@@ -27,6 +35,7 @@ exercise them.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -36,12 +45,18 @@ from attnrhythm.capture.common import unknown_attention_arguments
 
 try:
     import triton
-    import triton.language as tl
 except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
+else:
+    from attnrhythm.capture import fused_kernels
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+LOG2E = 1.4426950408889634
+MAX_GRID_Y = 65535
+"""CUDA's limit on grid dimensions 2 and 3: sequences x heads beyond it fold into dimension 3."""
+INT32_LIMIT = 2**31 - 1
+"""Offsets within one head up to this stay 32-bit; beyond it the kernels compile 64-bit ones."""
 
 
 def interpreting() -> bool:
@@ -98,16 +113,23 @@ def mask_mismatch(attention_mask: Tensor | None, valid: Tensor, sliding_window: 
     return None
 
 
-def default_blocks(head_dim: int, device) -> dict:
-    """Tile sizes: small under the interpreter, flash-like on a GPU.  Not autotuned (no GPU was
-    at hand); chosen so that no kernel spills registers on sm_90 in bf16
-    (``benchmarks/fused_compile_check.py``)."""
-    if torch.device(device).type != "cuda":
+def default_blocks(head_dim: int, dtype: torch.dtype = torch.bfloat16, capability: tuple[int, int] | None = None) -> dict:
+    """Tile sizes for a GPU of compute ``capability`` (None: the interpreter's small tiles).  Not
+    autotuned (no GPU was at hand): flash-like sizes chosen so that no kernel spills registers
+    on sm_90 or sm_80 in 16-bit (``benchmarks/fused_compile_check.py``, its record in
+    ``benchmarks/results/fused_compile_sm90.txt``).  float32 takes smaller tiles: its products
+    run without tensor cores unless TF32 is allowed (``dot_precision``) and spill at flash sizes."""
+    if capability is None:
         return dict(block_m=16, block_n=16, col_block_m=16, col_block_n=16, num_warps=1, num_stages=1)
+    if dtype == torch.float32:
+        tf32 = dot_precision(dtype, upcast=False) == "tf32"
+        return dict(block_m=64, block_n=32, col_block_m=32, col_block_n=64, num_warps=4 if tf32 else 8,
+                    num_stages=2 if tf32 else 1)
     if head_dim <= 64:
         return dict(block_m=128, block_n=64, col_block_m=64, col_block_n=128, num_warps=8, num_stages=3)
-    if head_dim <= 128:
-        return dict(block_m=128, block_n=64, col_block_m=64, col_block_n=128, num_warps=8, num_stages=2)
+    if head_dim <= 128:  # Ampere has fewer registers to spare for the pipeline's second stage
+        return dict(block_m=128, block_n=64, col_block_m=64, col_block_n=128, num_warps=8,
+                    num_stages=2 if capability >= (9, 0) else 1)
     return dict(block_m=64, block_n=32, col_block_m=32, col_block_n=64, num_warps=8, num_stages=2)
 
 
@@ -116,189 +138,57 @@ SMALLER = dict(block_m=64, block_n=32, col_block_m=32, col_block_n=64, num_warps
 
 def _launch(kernel, grid_of, blocks: dict, args: tuple, constexprs) -> None:
     """Launch with ``blocks``; where a GPU lacks the shared memory or registers for them
-    (OutOfResources at compile time), once more with the smaller ``SMALLER`` tiles."""
+    (OutOfResources at compile time), once more with each size the smaller of the requested one
+    and ``SMALLER``'s (re-raised when that changes nothing)."""
     try:
         kernel[grid_of(blocks)](*args, **constexprs(blocks))
     except triton.runtime.errors.OutOfResources:
-        small = {**blocks, **{k: min(v, SMALLER[k]) for k, v in SMALLER.items()}}
+        small = {**blocks, **{k: min(blocks.get(k, v), v) for k, v in SMALLER.items()}}
+        if small == blocks:
+            raise
         kernel[grid_of(small)](*args, **constexprs(small))
 
 
-if triton is not None:
+def device_guard(device: torch.device):
+    """The tensors' own CUDA device made current for a launch (Triton launches on the current
+    device and its stream; a layer on cuda:1 would otherwise run on cuda:0's)."""
+    device = torch.device(device)
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
-    @triton.jit
-    def _tanh(x):
-        # exp-based so the interpreter and the GPU agree; exp(-2|x|) never overflows
-        e = tl.exp(-2.0 * tl.abs(x))
-        t = (1.0 - e) / (1.0 + e)
-        return tl.where(x < 0, -t, t)
 
-    @triton.jit
-    def _logits(q, k_base, valid_base, n0, offs_m, offs_n0, offs_d, skn, skd, N, D, scale, softcap, window,
-                HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-        """Scaled (soft-capped) logits of one tile, -inf where masked; also the key positions."""
-        offs_n = n0 + offs_n0
-        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                     mask=(offs_n[None, :] < N) & (offs_d[:, None] < D), other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=PRECISION) * scale
-        if HAS_SOFTCAP:
-            s = softcap * _tanh(s / softcap)
-        key_ok = tl.load(valid_base + offs_n, mask=offs_n < N, other=0) != 0
-        ok = key_ok[None, :]
-        if MASK:
-            ok = ok & (offs_n[None, :] <= offs_m[:, None])
-            if HAS_WINDOW:
-                ok = ok & (offs_m[:, None] - offs_n[None, :] < window)
-        return tl.where(ok, s, float("-inf")), offs_n
+def folded_grid(blocks: int, heads: int) -> tuple[int, int, int]:
+    """(blocks, y, z) with y * z >= heads and y <= MAX_GRID_Y: the kernels read the (sequence,
+    head) index as pid2 * y + pid1 and return at once past ``heads``."""
+    y = min(heads, MAX_GRID_Y)
+    z = triton.cdiv(heads, y)
+    if z > MAX_GRID_Y:
+        raise ValueError(f"{heads} sequence x head pairs exceed the grid ({MAX_GRID_Y}**2); split the batch")
+    return blocks, y, z
 
-    @triton.jit
-    def _forward_step(acc, m_i, l_i, dist, q, k_base, v_base, valid_base, n0, offs_m, offs_n0, offs_d,
-                      skn, skd, svn, svd, N, D, scale, softcap, window,
-                      HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, MASK: tl.constexpr,
-                      PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-        s, offs_n = _logits(q, k_base, valid_base, n0, offs_m, offs_n0, offs_d, skn, skd, N, D, scale, softcap,
-                            window, HAS_SOFTCAP, HAS_WINDOW, MASK, PRECISION, UPCAST)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        distance = (offs_m[:, None] - offs_n[None, :]).to(tl.float32)
-        dist = dist * alpha + tl.sum(p * distance, 1)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                    mask=(offs_n[:, None] < N) & (offs_d[None, :] < D), other=0.0)
-        p_v = p.to(v.dtype)  # the probabilities the output is made of, in the model's dtype
-        if UPCAST:
-            p_v = p_v.to(tl.float32)
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p_v, v, input_precision=PRECISION)
-        return acc, m_new, l_i, dist
 
-    @triton.jit
-    def _forward_kernel(Q, K, V, O, M, L, RD, VALID, START, SINK,
-                        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                        sob, son, soh, sod, srb, srh, srn,
-                        N, D, H, GROUP, scale, softcap, window,
-                        HAS_SINK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-        # the longest rows (most keys) first, so that the last wave of programs is short
-        m0 = (tl.cdiv(N, BLOCK_M) - 1 - tl.program_id(0)) * BLOCK_M
-        bh = tl.program_id(1).to(tl.int64)  # 64-bit base offsets: [B, L, H, N, W] bands get large
-        b = bh // H
-        h = bh % H
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        offs_n0 = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-                    mask=(offs_m[:, None] < N) & (offs_d[None, :] < D), other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-        k_base = K + b * skb + (h // GROUP) * skh
-        v_base = V + b * svb + (h // GROUP) * svh
-        valid_base = VALID + b * N
-        if HAS_SINK:  # the sink logit enters as a key with exp(s_aux - m) already summed
-            m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(SINK + h).to(tl.float32)
-            l_i = tl.full([BLOCK_M], 1.0, tl.float32)
-        else:  # finite start: fully masked tiles give exp(-inf - (-1e30)) = 0, never NaN
-            m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
-            l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        dist = tl.zeros([BLOCK_M], tl.float32)
+def _span(tensor: Tensor, dims: tuple[int, ...]) -> int:
+    """Largest element offset within one (sequence, head) slice of ``tensor`` along ``dims``."""
+    return sum((tensor.shape[d] - 1) * abs(tensor.stride(d)) for d in dims if tensor.shape[d] > 0)
 
-        hi = tl.minimum(m0 + BLOCK_M, N)
-        lo = tl.load(START + b)  # first real token: keys before it are padding
-        if HAS_WINDOW:
-            lo = tl.maximum(lo, m0 - window + 1)
-        lo = (tl.maximum(lo, 0) // BLOCK_N) * BLOCK_N
-        # [lo, a): window edge (masked); [a, c): every row sees every key; [c, hi): diagonal (masked)
-        a = lo
-        if HAS_WINDOW:
-            a = tl.cdiv(tl.maximum(m0 + BLOCK_M - window, 0), BLOCK_N) * BLOCK_N
-        a = tl.minimum(tl.maximum(a, lo), hi)
-        c = tl.minimum(tl.maximum(((m0 + 1) // BLOCK_N) * BLOCK_N, a), hi)
-        if HAS_WINDOW:  # compiled for sliding-window layers only (fewer live registers otherwise)
-            for n0 in range(lo, a, BLOCK_N):
-                acc, m_i, l_i, dist = _forward_step(acc, m_i, l_i, dist, q, k_base, v_base, valid_base, n0, offs_m,
-                                                    offs_n0, offs_d, skn, skd, svn, svd, N, D, scale, softcap,
-                                                    window, HAS_SOFTCAP, HAS_WINDOW, True, PRECISION, UPCAST)
-        for n0 in range(a, c, BLOCK_N):
-            acc, m_i, l_i, dist = _forward_step(acc, m_i, l_i, dist, q, k_base, v_base, valid_base, n0, offs_m,
-                                                offs_n0, offs_d, skn, skd, svn, svd, N, D, scale, softcap, window,
-                                                HAS_SOFTCAP, HAS_WINDOW, False, PRECISION, UPCAST)
-        for n0 in range(c, hi, BLOCK_N):
-            acc, m_i, l_i, dist = _forward_step(acc, m_i, l_i, dist, q, k_base, v_base, valid_base, n0, offs_m,
-                                                offs_n0, offs_d, skn, skd, svn, svd, N, D, scale, softcap, window,
-                                                HAS_SOFTCAP, HAS_WINDOW, True, PRECISION, UPCAST)
 
-        seen = l_i > 0
-        inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
-        row_in = offs_m < N
-        row_ok = tl.load(valid_base + offs_m, mask=row_in, other=0) != 0
-        out = acc * inv_l[:, None]
-        tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, out.to(O.dtype.element_ty),
-                 mask=row_in[:, None] & (offs_d[None, :] < D))
-        tl.store(M + bh * N + offs_m, m_i, mask=row_in)
-        tl.store(L + bh * N + offs_m, l_i, mask=row_in)
-        tl.store(RD + b * srb + h * srh + offs_m * srn, tl.where(row_ok, dist * inv_l, 0.0), mask=row_in)
+def needs_wide_offsets(query: Tensor, key: Tensor, value: Tensor, out: Tensor | None, band: Tensor) -> bool:
+    """Whether some offset within a head passes 2**31 - 1 (transformers' [B, N, H, D] layout
+    beyond 128K tokens x 64 heads x 256), so the kernels must compute offsets in 64 bits.
+    q/k/v/band [B, H, N, X], out [B, N, H, D]; meta tensors work (shapes and strides only)."""
+    spans = [_span(t, (2, 3)) for t in (query, key, value, band)]
+    if out is not None:
+        spans.append(_span(out, (1, 3)))
+    return max(spans) > INT32_LIMIT
 
-    @triton.jit
-    def _column_kernel(Q, K, M, L, VALID, START, END, BAND, COL,
-                       sqb, sqh, sqn, sqd, skb, skh, skn, skd, sbb, sbh, sbn, sbw, scb, sch, scn,
-                       N, D, H, GROUP, scale, softcap, window, band_width,
-                       HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, NEED_COL: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                       PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-        n0 = tl.program_id(0) * BLOCK_N
-        bh = tl.program_id(1).to(tl.int64)
-        b = bh // H
-        h = bh % H
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        offs_m0 = tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        k_base = K + b * skb + (h // GROUP) * skh
-        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                     mask=(offs_n[None, :] < N) & (offs_d[:, None] < D), other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-        valid_base = VALID + b * N
-        key_ok = tl.load(valid_base + offs_n, mask=offs_n < N, other=0) != 0
-        band_end = n0 + BLOCK_N - 1 + band_width  # rows at or past it have no band entry here
-        m_hi = tl.load(END + b)  # rows after the last real token contribute nothing
-        if n0 + BLOCK_N <= tl.load(START + b):  # keys of left padding: no attention at all
-            m_hi = 0
-        if not NEED_COL:
-            m_hi = tl.minimum(m_hi, band_end)
-        if HAS_WINDOW:
-            m_hi = tl.minimum(m_hi, n0 + BLOCK_N - 1 + window)
-        col = tl.zeros([BLOCK_N], tl.float32)
-        for m0 in range(((n0 // BLOCK_M) * BLOCK_M), m_hi, BLOCK_M):
-            offs_m = m0 + offs_m0
-            row_in = offs_m < N
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-                        mask=row_in[:, None] & (offs_d[None, :] < D), other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-            row_ok = tl.load(valid_base + offs_m, mask=row_in, other=0) != 0
-            l_row = tl.load(L + bh * N + offs_m, mask=row_in, other=0.0)
-            m_row = tl.where(l_row > 0, tl.load(M + bh * N + offs_m, mask=row_in, other=0.0), 0.0)
-            inv_l = tl.where(row_ok & (l_row > 0), 1.0 / tl.where(l_row > 0, l_row, 1.0), 0.0)
-            s = tl.dot(q, kt, input_precision=PRECISION) * scale
-            if HAS_SOFTCAP:
-                s = softcap * _tanh(s / softcap)
-            ok = key_ok[None, :] & (offs_n[None, :] <= offs_m[:, None]) & row_ok[:, None]
-            if HAS_WINDOW:
-                ok = ok & (offs_m[:, None] - offs_n[None, :] < window)
-            p = tl.where(ok, tl.exp(tl.where(ok, s, 0.0) - m_row[:, None]) * inv_l[:, None], 0.0)
-            if NEED_COL:
-                col += tl.sum(p, 0)
-            if m0 < band_end:
-                offset = offs_m[:, None] - offs_n[None, :]
-                tl.store(BAND + b * sbb + h * sbh + offs_m[:, None] * sbn + offset * sbw, p,
-                         mask=(offset >= 0) & (offset < band_width) & row_in[:, None])
-        if NEED_COL:
-            tl.store(COL + b * scb + h * sch + offs_n * scn, col, mask=offs_n < N)
+
+def dot_precision(dtype: torch.dtype, upcast: bool) -> str:
+    """Triton's ``input_precision`` (see the module docstring): float32 follows torch's float32
+    matmul setting; 16-bit inputs run on tensor cores whatever this says."""
+    if upcast:
+        return "ieee"
+    if dtype == torch.float32:
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "tf32"
 
 
 def _bounds(valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -313,15 +203,17 @@ def _bounds(valid: Tensor) -> tuple[Tensor, Tensor]:
 def fused_attention(query: Tensor, key: Tensor, value: Tensor, valid: Tensor, *, band_width: int,
                     scaling: float | None = None, sliding_window: int | None = None, softcap: float | None = None,
                     s_aux: Tensor | None = None, row_distance: Tensor | None = None, band: Tensor | None = None,
-                    col_sum: Tensor | None = None, need_col_sum: bool = True, blocks: dict | None = None):
+                    col_sum: Tensor | None = None, need_col_sum: bool = True, write_output: bool = True,
+                    blocks: dict | None = None):
     """Attention output and statistics of one layer.
 
     query [B,Hq,N,D], key/value [B,Hkv,N,D] (any strides), valid [B,N] (True = real token).
     ``row_distance`` [B,Hq,N], ``band`` [B,Hq,N,W] and ``col_sum`` [B,Hq,N] float32 may be given
     (e.g. views of one layer's slot in ``AttentionStats``); ``band`` must then hold zeros, since
     only entries a real key can reach are written.  Returns ``(out [B,N,Hq,D] in the query's
-    dtype, lse [B,Hq,N] float32 (+inf where a row sees nothing), row_distance, band, col_sum)``;
-    col_sum stays zero when ``need_col_sum`` is False.
+    dtype or None without ``write_output``, lse [B,Hq,N] float32 (+inf where a row sees nothing),
+    row_distance, band, col_sum)``; col_sum stays zero when ``need_col_sum`` is False.  With
+    ``band_width=0`` and no column sums only the forward kernel runs (pass 1).
     """
     if triton is None:
         raise RuntimeError("Triton is not installed")
@@ -331,54 +223,62 @@ def fused_attention(query: Tensor, key: Tensor, value: Tensor, valid: Tensor, *,
         raise ValueError(f"query {tuple(query.shape)} and key/value {tuple(key.shape)} do not form a GQA layer")
     device = query.device
     scaling = head_dim ** -0.5 if scaling is None else float(scaling)
-    blocks = {**default_blocks(head_dim, device), **(blocks or {})}
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    blocks = {**default_blocks(head_dim, query.dtype, capability), **(blocks or {})}
     zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float32, device=device)  # noqa: E731
     row_distance = zeros(batch, q_heads, length) if row_distance is None else row_distance
     band = zeros(batch, q_heads, length, band_width) if band is None else band
     col_sum = zeros(batch, q_heads, length) if col_sum is None else col_sum
     valid8 = valid.to(device=device, dtype=torch.int8).contiguous()
     start, end = _bounds(valid.to(device))
-    out = torch.empty(batch, length, q_heads, head_dim, dtype=query.dtype, device=device)
+    out = torch.empty(batch, length, q_heads, head_dim, dtype=query.dtype, device=device) if write_output else None
     m = torch.empty(batch, q_heads, length, dtype=torch.float32, device=device)
     l = torch.empty_like(m)  # noqa: E741
-    sink = (s_aux.to(device=device, dtype=torch.float32).reshape(q_heads).contiguous() if s_aux is not None
-            else torch.zeros(1, dtype=torch.float32, device=device))
+    sink = (s_aux.to(device=device, dtype=torch.float32).reshape(q_heads) * LOG2E if s_aux is not None
+            else torch.zeros(1, dtype=torch.float32, device=device)).contiguous()
     window = int(sliding_window) if sliding_window else 0
-    cap = float(softcap) if softcap else 1.0
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    # base-2 logits: log2(e) folded into the scale (into the cap with softcapping)
+    qk_scale, cap2 = (scaling / float(softcap), float(softcap) * LOG2E) if softcap else (scaling * LOG2E, 1.0)
+    heads = batch * q_heads
     # the interpreter has no bfloat16 arithmetic: it gets exact float32 copies of the tiles
     upcast = device.type != "cuda" and query.dtype != torch.float32
-    precision = "ieee" if query.dtype == torch.float32 or upcast else "tf32"
-    flags = dict(HAS_SOFTCAP=bool(softcap), HAS_WINDOW=bool(window), BLOCK_D=block_d, PRECISION=precision,
-                 UPCAST=upcast)
-    _launch(_forward_kernel, lambda c: (triton.cdiv(length, c["block_m"]), batch * q_heads), blocks,
-            (query, key, value, out, m, l, row_distance, valid8, start, sink,
-             *query.stride(), *key.stride(), *value.stride(), *out.stride(), *row_distance.stride(),
-             length, head_dim, q_heads, q_heads // kv_heads, scaling, cap, window),
-            lambda c: dict(HAS_SINK=s_aux is not None, BLOCK_M=c["block_m"], BLOCK_N=c["block_n"],
-                           num_warps=c["num_warps"], num_stages=c["num_stages"], **flags))
-    if band_width > 0 or need_col_sum:
-        _launch(_column_kernel, lambda c: (triton.cdiv(length, c["col_block_n"]), batch * q_heads), blocks,
-                (query, key, m, l, valid8, start, end, band, col_sum,
-                 *query.stride(), *key.stride(), *band.stride(), *col_sum.stride(),
-                 length, head_dim, q_heads, q_heads // kv_heads, scaling, cap, window, band_width),
-                lambda c: dict(NEED_COL=need_col_sum, BLOCK_M=c["col_block_m"], BLOCK_N=c["col_block_n"],
-                               num_warps=c["num_warps"], num_stages=c["num_stages"], **flags))
-    lse = torch.where(l > 0, m + l.log(), torch.full_like(m, float("inf")))
+    flags = dict(D=head_dim, HAS_SOFTCAP=bool(softcap), HAS_WINDOW=bool(window),
+                 WIDE=needs_wide_offsets(query, key, value, out, band), BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                 PRECISION=dot_precision(query.dtype, upcast), UPCAST=upcast)
+    o_args = (out if out is not None else m, *(out.stride() if out is not None else (0, 0, 0, 0)))
+    with device_guard(device):
+        _launch(fused_kernels.forward_kernel, lambda c: folded_grid(triton.cdiv(length, c["block_m"]), heads), blocks,
+                (query, key, value, o_args[0], m, l, row_distance, valid8, start, sink,
+                 *query.stride(), *key.stride(), *value.stride(), *o_args[1:], *row_distance.stride(),
+                 length, q_heads, heads, min(heads, MAX_GRID_Y), q_heads // kv_heads, qk_scale, cap2, window),
+                lambda c: dict(HAS_SINK=s_aux is not None, WRITE_OUT=write_output, BLOCK_M=c["block_m"],
+                               BLOCK_N=c["block_n"], num_warps=c["num_warps"], num_stages=c["num_stages"], **flags))
+        if band_width > 0 or need_col_sum:
+            _launch(fused_kernels.column_kernel, lambda c: folded_grid(triton.cdiv(length, c["col_block_n"]), heads),
+                    blocks, (query, key, m, l, valid8, start, end, band, col_sum,
+                             *query.stride(), *key.stride(), *band.stride(), *col_sum.stride(),
+                             length, q_heads, heads, min(heads, MAX_GRID_Y), q_heads // kv_heads, qk_scale, cap2,
+                             window, band_width),
+                    lambda c: dict(NEED_COL=need_col_sum, BLOCK_M=c["col_block_m"], BLOCK_N=c["col_block_n"],
+                                   num_warps=c["num_warps"], num_stages=c["num_stages"], **flags))
+    lse = torch.where(l > 0, (m + l.log2()) / LOG2E, torch.full_like(m, float("inf")))
     return out, lse, row_distance, band, col_sum
 
 
 def fused_layer(query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, stats, slot: int,
                 scaling: float | None = None, sliding_window: int | None = None, softcap: float | None = None,
-                s_aux: Tensor | None = None, need_col_sum: bool = True, blocks: dict | None = None) -> Tensor:
+                s_aux: Tensor | None = None, need_col_sum: bool = True, write_output: bool = True,
+                blocks: dict | None = None) -> Tensor | None:
     """The block path's per-layer step, fused: fills slot ``slot`` of ``stats``
-    (``attnrhythm.core.stats.AttentionStats``, whose ``valid`` is the 2-D padding mask) and returns
-    the attention output [B, N, Hq, D].  ``attention_mask`` (the model's 4-D mask) is not read:
+    (``attnrhythm.core.stats.AttentionStats``, whose ``valid`` is the 2-D padding mask; its band
+    width is the layer's) and returns the attention output [B, N, Hq, D] (None without
+    ``write_output``: statistics only).  ``attention_mask`` (the model's 4-D mask) is not read:
     the caller checks it with :func:`mask_mismatch`."""
     out, lse, _, _, _ = fused_attention(
         query, key, value, stats.valid, band_width=stats.band.shape[-1], scaling=scaling,
         sliding_window=sliding_window, softcap=softcap, s_aux=s_aux, row_distance=stats.row_distance[:, slot],
-        band=stats.band[:, slot], col_sum=stats.col_sum[:, slot], need_col_sum=need_col_sum, blocks=blocks)
+        band=stats.band[:, slot], col_sum=stats.col_sum[:, slot], need_col_sum=need_col_sum,
+        write_output=write_output, blocks=blocks)
     if s_aux is not None and getattr(stats, "row_mass", None) is not None:
         # lse includes the sink logit: the row's mass over positions is 1 - p(sink)
         sink = s_aux.to(device=lse.device, dtype=torch.float32).reshape(1, -1, 1)

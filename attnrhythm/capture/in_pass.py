@@ -9,10 +9,14 @@ the decoder's final hidden states of that same pass (``masked_entropy``, chunked
 
 What the caller's pass computes is left bitwise unchanged: the model switches to an attention
 implementation whose masks are SDPA's own (``sdpa_mask``) and whose every layer returns
-transformers' ``sdpa_attention_forward`` output; the sampled layers additionally run the
-streaming block loop in its ``stats_only`` mode (probabilities recomputed in blocks of rows for
-the statistics only, never N x N).  Hooks, the implementation and the capture are restored on
-exit, also on error.  A statistics failure (an attention argument the block loop does not
+transformers' ``sdpa_attention_forward`` output; the sampled layers additionally compute their
+statistics only, beside that output (the streaming capture's ``stats_only`` mode, never N x N):
+on CUDA with the fused kernels in their statistics-only mode (``mode="auto"``, the default:
+where they can run, per layer, else the block loop, as ``backend="auto"`` chooses), elsewhere
+with the block loop.  Hooks, the implementation and the capture are restored on exit, also on
+error.  The forward in flight is found through the streaming capture's context variable
+(``streaming.active()``, whose ``owner`` is the :class:`PassCapture`), so passes in different
+threads do not meet.  A statistics failure (an attention argument the block loop does not
 implement, ...) never breaks the caller's pass: it is recorded in ``PassCapture.failed`` and the
 caller falls back to a separate capture.
 
@@ -36,6 +40,7 @@ from attnrhythm.capture import streaming
 from attnrhythm.capture.common import masked_entropy, resolve_layers
 from attnrhythm.core.config import RhythmConfig
 from attnrhythm.core.stats import AttentionStats
+from attnrhythm.errors import UserError
 
 IMPLEMENTATION_NAME = "attnrhythm_in_pass"
 OWN_IMPLEMENTATION = "sdpa"
@@ -48,11 +53,10 @@ class PassCapture:
     """(first row, statistics of the chunk's rows), in the order of the caller's forwards."""
     rows: int = 0
     seconds: float = 0.0
-    """Time of the statistics work inside the pass: the sampled layers' block loop (their own SDPA
+    """Time of the statistics work inside the pass: the sampled layers' statistics (their own SDPA
     call excluded) and the entropy from the final hidden states."""
     failed: str | None = None
     _events: list = field(default_factory=list)
-    _streaming: object = None  # the streaming capture of the forward in flight
 
     def finish(self) -> None:
         """Adds the CUDA-event timings (read once, after the pass, so the pass is never synchronised)."""
@@ -60,10 +64,6 @@ class PassCapture:
             torch.cuda.synchronize()
             self.seconds += sum(a.elapsed_time(b) for a, b in self._events) / 1000.0
             self._events.clear()
-
-
-_current: PassCapture | None = None
-_statistics_attention = None  # the streaming backend's attention function, as registered
 
 
 def supported(model) -> str | None:
@@ -98,14 +98,14 @@ def _in_pass_attention(module, query, key, value, attention_mask, scaling=None, 
 
     output = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                     sliding_window=sliding_window, **kwargs)
-    cap = _current
-    active = None if cap is None else cap._streaming
-    if active is None or cap.failed or getattr(module, "layer_idx", None) not in active.layers:
+    active = streaming.active()
+    cap = None if active is None else active.owner
+    if cap is None or cap.failed or getattr(module, "layer_idx", None) not in active.layers:
         return output
     try:
         with _timed(cap, query.device):
-            _statistics_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                        sliding_window=sliding_window, **kwargs)
+            streaming.streaming_attention(module, query, key, value, attention_mask, scaling=scaling,
+                                          dropout=dropout, sliding_window=sliding_window, **kwargs)
     except Exception as error:  # noqa: BLE001 - the caller's pass must go on; the trainer falls back
         cap.failed = f"{type(error).__name__}: {error}"
     return output
@@ -113,40 +113,34 @@ def _in_pass_attention(module, query, key, value, attention_mask, scaling=None, 
 
 def register() -> None:
     """Make ``IMPLEMENTATION_NAME`` known to transformers, with SDPA's masks (idempotent)."""
-    global _statistics_attention
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    streaming.register()
-    _statistics_attention = ALL_ATTENTION_FUNCTIONS[streaming.IMPLEMENTATION_NAME]
     AttentionInterface.register(IMPLEMENTATION_NAME, _in_pass_attention)
     AttentionMaskInterface.register(IMPLEMENTATION_NAME, sdpa_mask)
 
 
 @contextlib.contextmanager
-def statistics_in_pass(model, config: RhythmConfig, entropy: bool, block_bytes: int | None = None):
+def statistics_in_pass(model, config: RhythmConfig, entropy: bool, block_bytes: int | None = None,
+                       mode: str = "auto"):
     """Within the block, each forward of ``model`` (unwrapped; its caller may wrap it) yields one
-    chunk of statistics in the returned :class:`PassCapture`.  See the module docstring."""
-    global _current
+    chunk of statistics in the returned :class:`PassCapture`.  ``mode`` is the streaming
+    capture's (``streaming.MODES``): "auto" takes the fused kernels where they can run (CUDA),
+    "block" the block loop, "fused" the kernels or a failure.  See the module docstring."""
     reason = supported(model)
     if reason is not None:
         raise ValueError(f"in-pass statistics unavailable: {reason}")
-    if _current is not None:
-        raise RuntimeError("in-pass statistics are already active (they do not nest)")
     register()
     layers = resolve_layers(model, config)
     cap = PassCapture(layers)
     decoder = model.get_decoder()
     state: dict = {}
 
-    def close(failed: str | None = None):
+    def close():
         context = state.pop("context", None)
-        cap._streaming = None
+        state.clear()
         if context is not None:
             context.__exit__(None, None, None)
-        if failed and not cap.failed:
-            cap.failed = failed
 
     def before(module, args, kwargs):
         close()
@@ -166,13 +160,17 @@ def statistics_in_pass(model, config: RhythmConfig, entropy: bool, block_bytes: 
             cap.failed = f"attention_mask of shape {tuple(mask.shape)}"
             return
         bytes_ = block_bytes or (8 if ids.device.type == "cuda" else 1) * streaming.DEFAULT_BLOCK_BYTES
-        context = streaming.streaming_capture(layers, config.band_width, mask.bool(), bytes_, stats_only=True)
-        cap._streaming = context.__enter__()
-        state.update(context=context, valid=mask.bool(), rows=ids.shape[0])
+        try:
+            resolved = streaming.resolve_mode(model, mode, ids.device)
+        except UserError as error:  # mode="fused" where the kernels cannot run
+            cap.failed = str(error)
+            return
+        context = streaming.streaming_capture(layers, config.band_width, mask.bool(), bytes_, resolved,
+                                              type(model).__name__, stats_only=True, owner=cap)
+        state.update(context=context, active=context.__enter__(), valid=mask.bool(), rows=ids.shape[0])
 
     def after(module, args, kwargs, output):
-        active = cap._streaming
-        valid, rows = state.get("valid"), state.get("rows", 0)
+        active, valid, rows = state.get("active"), state.get("valid"), state.get("rows", 0)
         close()
         if cap.failed or valid is None:
             return
@@ -193,11 +191,9 @@ def statistics_in_pass(model, config: RhythmConfig, entropy: bool, block_bytes: 
     hooks = [decoder.register_forward_pre_hook(before, with_kwargs=True),
              decoder.register_forward_hook(after, with_kwargs=True)]
     model.set_attn_implementation(IMPLEMENTATION_NAME)
-    _current = cap
     try:
         yield cap
     finally:
-        _current = None
         close()
         for hook in hooks:
             hook.remove()

@@ -14,18 +14,29 @@ With ``backend="fused"`` or ``"auto"`` (``mode`` here) a sampled layer runs the 
 ``capture/fused.py`` instead when they can compute it (checked per layer: device, dtype, head
 dim, the attention arguments, and the model's mask against causal + padding + window); ``auto``
 falls back to the block loop with a one-line notice, ``fused`` raises.
+
+Receiver layers that are not sampled (``narrow_layers``) are captured narrow: column sums, row
+distances and only the first ``narrow_width`` diagonals of the band (what receiver scores and
+per-head FAI read, ``common.receiver_band_width``), into statistics of their own.
+
+The capture in flight lives in a ``ContextVar`` (``active()``), set by :func:`streaming_capture`
+and reset on exit: captures nest (the inner one is in force within its block) and each thread
+has its own.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from attnrhythm import log
-from attnrhythm.capture.common import capture_mode, masked_entropy, text_config, unknown_attention_arguments
+from attnrhythm.capture.common import (capture_mode, masked_entropy, receiver_band_width, text_config,
+                                       unknown_attention_arguments)
 from attnrhythm.core.config import RhythmConfig
 from attnrhythm.core.stats import AttentionStats, accumulate_rows, empty_stats
 from attnrhythm.errors import UserError
@@ -34,14 +45,11 @@ IMPLEMENTATION_NAME = "attnrhythm_streaming"
 DEFAULT_BLOCK_BYTES = 256 * 2**20
 MODES = ("block", "fused", "auto")
 logger = log.get_logger(__name__)
-_noticed: set = set()
 
 
+@functools.cache  # one line per distinct reason and process (thread-safe); tests call cache_clear()
 def notice_fallback(reason: str) -> None:
-    """One logging line per distinct reason and process."""
-    if reason not in _noticed:
-        _noticed.add(reason)
-        logger.warning("attnrhythm: fused attention statistics unavailable (%s); using the block path", reason)
+    logger.warning("attnrhythm: fused attention statistics unavailable (%s); using the block path", reason)
 
 
 @dataclass
@@ -58,12 +66,50 @@ class _Capture:
     stats_only: bool = False
     """Statistics only: a sampled layer returns ``(None, None)`` and the caller takes the output
     from the model's own attention (``capture/in_pass.py``: TRL's log-prob pass stays bitwise)."""
+    narrow_layers: list[int] = field(default_factory=list)
+    narrow_width: int = 0
+    narrow_stats: AttentionStats | None = None
+    """Receiver layers that are not sampled, captured with a ``narrow_width`` band (see the module
+    docstring)."""
+    owner: object = None
+    """The in-pass capture this forward belongs to (``capture/in_pass.py``), else None."""
+
+    def target(self, layer: int, query: Tensor, sinks: bool) -> tuple[AttentionStats, int]:
+        """The statistics ``layer`` fills and its slot there: the sampled layers' (full band) or
+        the narrow layers'."""
+        batch, heads, length, _ = query.shape
+        if layer in self.layers:
+            if self.stats is None:
+                self.stats = empty_stats(self.layers, batch, heads, length, self.band_width, self.valid, query.device)
+            stats, slot = self.stats, self.layers.index(layer)
+        else:
+            if self.narrow_stats is None:
+                self.narrow_stats = empty_stats(self.narrow_layers, batch, heads, length, self.narrow_width,
+                                                self.valid, query.device)
+            stats, slot = self.narrow_stats, self.narrow_layers.index(layer)
+        if sinks and stats.row_mass is None:
+            # rows of models with sinks sum to less than 1 over positions: keep each row's mass (WAAD's
+            # capped distance needs it); rows captured so far had no sink, so mass 1 on real tokens
+            stats.row_mass = unit_mass(stats)
+        return stats, slot
 
 
-_active: _Capture | None = None
+def unit_mass(stats: AttentionStats) -> Tensor:
+    """Row mass 1 on every real row, 0 on padding: [B, L, H, N]."""
+    batch, n_layers, heads, length = stats.row_distance.shape
+    return stats.valid.to(stats.row_distance.device, torch.float32)[:, None, None].expand(
+        batch, n_layers, heads, length).clone()
 
 
-def _rhythm_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, scaling=None,
+_active: ContextVar[_Capture | None] = ContextVar("attnrhythm_active_capture", default=None)
+
+
+def active() -> _Capture | None:
+    """The streaming capture in force in this context (thread, task), or None."""
+    return _active.get()
+
+
+def streaming_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, scaling=None,
                       dropout: float = 0.0, sliding_window: int | None = None, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -73,26 +119,19 @@ def _rhythm_attention(module, query: Tensor, key: Tensor, value: Tensor, attenti
         raise UserError(f"{_owner(module)} passes {', '.join(repr(k) for k in unknown)} to its attention function, which "
                         "the streaming capture does not implement; use backend='eager'")
     softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
-    if _active is None or layer not in _active.layers:
+    cap = _active.get()
+    if cap is None or (layer not in cap.layers and layer not in cap.narrow_layers):
         if softcap is not None or sinks is not None:
             return _model_eager_attention(module, query, key, value, attention_mask, scaling, dropout,
                                           sliding_window, **kwargs)
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, sliding_window=sliding_window, **kwargs)
-    cap = _active
     batch, q_heads, length, head_dim = query.shape
     kv_heads = key.shape[1]
     if query.shape[2] != key.shape[2]:
         raise RuntimeError("streaming capture needs the whole sequence in one forward pass (no KV cache)")
-    if cap.stats is None:
-        cap.stats = empty_stats(cap.layers, batch, q_heads, length, cap.band_width, cap.valid, query.device)
-    if sinks is not None and cap.stats.row_mass is None:
-        # rows of models with sinks sum to less than 1 over positions: keep each row's mass (WAAD's
-        # capped distance needs it); the rows captured so far had no sink, so mass 1 on real tokens
-        cap.stats.row_mass = cap.stats.valid.to(query.device, torch.float32)[:, None, None].expand(
-            batch, len(cap.layers), q_heads, length).clone()
+    stats, slot = cap.target(layer, query, sinks is not None)
     cap.seen.add(layer)
-    slot = cap.layers.index(layer)
     scaling = head_dim ** -0.5 if scaling is None else scaling
     group = q_heads // kv_heads
     if sliding_window is None:
@@ -104,8 +143,8 @@ def _rhythm_attention(module, query: Tensor, key: Tensor, value: Tensor, attenti
         reason = _fused_obstacle(cap, module, query, attention_mask, scaling, dropout, sliding_window, kwargs)
         if reason is None:
             from attnrhythm.capture.fused import fused_layer
-            return fused_layer(query, key, value, attention_mask, cap.stats, slot, scaling, sliding_window,
-                               softcap=softcap, s_aux=sinks), None
+            return fused_layer(query, key, value, attention_mask, stats, slot, scaling, sliding_window,
+                               softcap=softcap, s_aux=sinks, write_output=not cap.stats_only), None
         if cap.mode == "fused":
             raise UserError(f"backend='fused' cannot compute layer {layer}: {reason}")
         if not reason.startswith("not CUDA"):
@@ -144,7 +183,7 @@ def _rhythm_attention(module, query: Tensor, key: Tensor, value: Tensor, attenti
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
         if out is not None:
             out[:, :, :, t0:t1] = torch.matmul(probs.to(value.dtype), v[:, :, :, k0:t1])
-        accumulate_rows(cap.stats, slot, probs.view(batch, q_heads, t1 - t0, t1 - k0), t0, k0)
+        accumulate_rows(stats, slot, probs.view(batch, q_heads, t1 - t0, t1 - k0), t0, k0)
         del scores, probs
     if out is None:
         return None, None
@@ -154,7 +193,8 @@ def _rhythm_attention(module, query: Tensor, key: Tensor, value: Tensor, attenti
 
 def _owner(module) -> str:
     """The model and attention class, as errors name them: ``Gemma2ForCausalLM (Gemma2Attention)``."""
-    name = _active.model_name if _active is not None else ""
+    cap = _active.get()
+    name = cap.model_name if cap is not None else ""
     return f"{name} ({type(module).__name__})" if name else type(module).__name__
 
 
@@ -224,49 +264,52 @@ def register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(IMPLEMENTATION_NAME, _rhythm_attention)
+    AttentionInterface.register(IMPLEMENTATION_NAME, streaming_attention)
     AttentionMaskInterface.register(IMPLEMENTATION_NAME, sdpa_mask)
 
 
 @contextlib.contextmanager
 def streaming_capture(layers: list[int], band_width: int, valid: Tensor, block_bytes: int = DEFAULT_BLOCK_BYTES,
-                      mode: str = "block", model_name: str = "", stats_only: bool = False):
+                      mode: str = "block", model_name: str = "", stats_only: bool = False,
+                      narrow_layers: list[int] = (), narrow_width: int = 0, owner=None):
     """Within the block, a forward pass of a model set to ``IMPLEMENTATION_NAME`` fills
-    ``capture.stats`` for ``layers``; ``mode`` is one of ``MODES`` ("block" or, already
-    resolved by :func:`resolve_mode`, "fused"/"auto"); ``model_name`` names the model in errors."""
-    global _active
-    if _active is not None:
-        raise RuntimeError("a streaming capture is already active (captures do not nest)")
+    ``capture.stats`` for ``layers`` (and ``capture.narrow_stats`` for ``narrow_layers``, a band
+    ``narrow_width`` wide); ``mode`` is one of ``MODES`` ("block" or, already resolved by
+    :func:`resolve_mode`, "fused"/"auto"); ``model_name`` names the model in errors; ``owner``
+    is the in-pass capture a forward belongs to.  Nested blocks shadow the outer capture until
+    they end."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     cap = _Capture(list(layers), band_width, valid, block_bytes, mode=mode, model_name=model_name,
-                   stats_only=stats_only)
-    _active = cap
+                   stats_only=stats_only, narrow_layers=list(narrow_layers), narrow_width=narrow_width, owner=owner)
+    token = _active.set(cap)
     try:
         yield cap
     finally:
-        _active = None
+        _active.reset(token)
 
 
 def capture(model, kwargs: dict, layers: list[int], config: RhythmConfig, valid: Tensor, entropy: bool,
-            block_bytes: int | None = None, mode: str = "block") -> AttentionStats:
-    """Statistics of ``layers`` from one forward pass with the streaming attention function.
-    ``block_bytes`` bounds the working set per block of rows (default 256 MiB on CPU, 2 GiB on a
-    GPU); ``mode`` "fused" or "auto" computes the sampled layers with the Triton kernels
-    (backends ``fused`` and ``auto``, see :func:`resolve_mode`)."""
+            block_bytes: int | None = None, narrow_layers: list[int] = (), mode: str = "block"):
+    """(statistics of ``layers``, of ``narrow_layers`` (band ``receiver_band_width``) or None)
+    from one forward pass with
+    the streaming attention function.  ``block_bytes`` bounds the working set per block of rows
+    (default 256 MiB on CPU, 2 GiB on a GPU); ``mode`` "fused" or "auto" computes the layers with
+    the Triton kernels (backends ``fused`` and ``auto``, see :func:`resolve_mode`)."""
     device = kwargs["input_ids"].device
     mode = resolve_mode(model, mode, device)
     if block_bytes is None:
         block_bytes = 8 * DEFAULT_BLOCK_BYTES if device.type == "cuda" else DEFAULT_BLOCK_BYTES
     register()
     with capture_mode(model, IMPLEMENTATION_NAME), \
-            streaming_capture(layers, config.band_width, valid, block_bytes, mode, type(model).__name__) as cap:
+            streaming_capture(layers, config.band_width, valid, block_bytes, mode, type(model).__name__,
+                              narrow_layers=narrow_layers, narrow_width=receiver_band_width(config)) as cap:
         hidden = model.get_decoder()(**kwargs).last_hidden_state
-        missing = set(layers) - cap.seen
+        missing = (set(layers) | set(narrow_layers)) - cap.seen
         if cap.stats is None or missing:
             raise UserError(f"layers {sorted(missing or layers)} never called the attention interface; "
                             f"this model ({type(model).__name__}) cannot be captured by the streaming backend")
         stats = cap.stats
         if entropy:
             stats.entropy = masked_entropy(model, hidden, valid, config.entropy_temperature)
-    return stats
+    return stats, cap.narrow_stats
