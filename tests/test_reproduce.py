@@ -55,7 +55,8 @@ def _tables():
 
 def test_claims_families_and_counting(tmp_path):
     table2, table1, ranges = _tables()
-    rows = claims(table2, table1, ranges, default_layers=[1, 2])
+    analysis = dict(layers=[1, 2], receiver_layers="all")
+    rows = claims(table2, table1, ranges, analysis)
     assert [r["family"] for r in rows] == ["main"] * 5 + ["disjoint"] + ["layer ranges"] * 12
     assert [r["direction"] for r in rows[:5]] == ["reproduced", "inconclusive", "opposite", "reproduced",
                                                   "reproduced"]
@@ -69,14 +70,26 @@ def test_claims_families_and_counting(tmp_path):
     summary = claims_summary(rows)
     assert summary.startswith("Paper's numbers (Tables 1 and 2): 5 numbers: direction reproduced in 3, inconclusive "
                               "in 1, opposite in 1; magnitude reproduced in 0, not reproduced in 4, undetermined in 1")
-    assert "Layer ranges (v2 Table 10): 10 numbers" in summary and "2 more rows repeat a Table 2 number" in summary
+    assert "Layer ranges (v2 Table 10): 10 numbers" in summary and "2 more rows repeat a number" in summary
     assert "Co-occurrence with disjoint head sets: 1 numbers: direction reproduced in 1" in summary
-    # counted, no number appears twice; receivers ranked in the sampled layers: co-occurrence repeats too
-    assert not published.check_claims(dict(claims=rows))
-    sampled = claims(table2, table1, ranges, default_layers=[1, 2], receivers_sampled=True)
+    result = dict(claims=rows, table2=table2, table1=table1, layer_ranges=ranges, analysis=analysis)
+    assert published.check_claims(result) == []
+    # receivers ranked in the sampled layers: the middle co-occurrence rows repeat Table 2 too
+    sampled = claims(table2, table1, ranges, dict(analysis, receiver_layers="sampled"))
     assert sum(not r["counted"] for r in sampled) == 4
-    doubled = [dict(r, counted=True) for r in rows]
-    assert any("twice" in e for e in published.check_claims(dict(claims=doubled)))
+    # no head shared between the sets (Table 2, and the bottom third): the disjoint rows repeat their
+    # co-occurrence rows
+    none_shared = dict(table2=dict(shared_max=0), bottom=dict(shared_max=0), top=dict(shared_max=2))
+    keys = [r["key"] for r in claims(table2, table1, ranges, analysis, none_shared) if not r["counted"]]
+    assert keys == [DISJOINT, f"bottom/{DISJOINT}", "middle/entropy_at_waad_peaks", "middle/fai_follows_waad"]
+    # the check finds a repeated number counted, a verdict off the rule, and a row counted twice
+    broken = [dict(r, counted=True) for r in rows]
+    broken[0] = dict(broken[0], magnitude="reproduced")
+    errors = published.check_claims(dict(result, claims=broken + broken[:1]))
+    assert any("middle third: entropy" in e and "counted" in e for e in errors)
+    assert any("stored magnitude 'reproduced'" in e for e in errors)
+    assert any("counted twice" in e for e in errors)
+    assert "analysis" in published.check_claims(dict(claims=rows))[0]
 
 
 def test_report_from_constructed_tables(tmp_path):
@@ -230,7 +243,7 @@ def test_reproduce_end_to_end_then_reuse(tmp_path, monkeypatch, smollm2):
     assert {r["direction"] for r in saved["claims"]} == {"inconclusive"}  # 2 problems: too few to judge
     assert set(saved["layer_ranges"]) == {"bottom", "middle", "top"}
     assert saved["layer_ranges"]["bottom"]["layers"] != saved["layer_ranges"]["middle"]["layers"]
-    assert published.check_folder(out) == ([], published.check_folder(out)[1])
+    assert published.check_folder(out)[0] == []
 
     # a second run reuses everything: no generation, no model, no recapture
     def refuse(*args, **kwargs):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from attnrhythm import io
 from attnrhythm.core.couplings import ALL_COUPLINGS, DISJOINT, couplings_table
-from attnrhythm.studies.verdicts import MAGNITUDES, verdict
+from attnrhythm.studies.verdicts import MAGNITUDES, claims
 
 TABLE2 = "per_problem.jsonl"
 TABLE1 = "per_problem_table1.jsonl"
@@ -176,26 +176,27 @@ def check_folder(folder, sweep: bool = True) -> tuple[list[str], list[str]]:
 
 
 def check_claims(result: dict) -> list[str]:
-    """Each claim's verdict follows ``verdicts.verdict`` from its interval, and no number is
+    """Each claim's verdict and counting follow ``verdicts.claims`` from the stored tables (the
+    verdict rule from its interval, ``verdicts.repeats`` for what is counted), and no claim is
     counted twice."""
     errors = []
+    if "analysis" not in result:
+        return ["reproduction.json does not say which layers the analysis used ('analysis'): the rows that repeat "
+                "Table 2 cannot be told apart (refresh it with reproduce.refresh)"]
+    again = {c["key"]: c for c in claims(result["table2"], result["table1"], result.get("layer_ranges", {}),
+                                         result["analysis"], result.get("head_overlap"))}
     for c in result["claims"]:
-        judged = c["magnitude"] != "not judged"
-        v = verdict(c["ci"], c["paper"], null=c["null"], n=c["n"], judge_magnitude=judged)
-        if (v.direction, v.magnitude, v.label) != (c["direction"], c["magnitude"], c["verdict"]):
-            errors.append(f"claim {c['claim']!r}: stored {c['direction']}/{c['magnitude']}, "
-                          f"the rule gives {v.direction}/{v.magnitude}")
+        want = again.get(c.get("key"))
+        if want is None:
+            errors.append(f"claim {c['claim']!r}: not a claim of these tables")
+            continue
+        for field in ("direction", "magnitude", "verdict", "counted"):
+            if c.get(field) != want[field]:
+                errors.append(f"claim {c['claim']!r}: stored {field} {c.get(field)!r}, the rule gives {want[field]!r}")
         if c["magnitude"] not in MAGNITUDES:
             errors.append(f"claim {c['claim']!r}: magnitude {c['magnitude']!r} is none of {MAGNITUDES}")
-        if judged and c.get("family", "main") != "main":
-            errors.append(f"claim {c['claim']!r}: the paper gives no number for it, yet its magnitude is judged")
-    counted = [c for c in result["claims"] if c.get("counted", True)]
-    seen = {}
-    for c in counted:
-        number = (round(float(c["ours"]), 12), tuple(round(float(x), 12) for x in c["ci"]))
-        if number in seen:
-            errors.append(f"claims {seen[number]!r} and {c['claim']!r} count the same number twice")
-        seen[number] = c["claim"]
+    keys = [c.get("key") for c in result["claims"] if c.get("counted", True)]
+    errors += [f"claim {key!r} is counted twice" for key in sorted({k for k in keys if keys.count(k) > 1})]
     return errors
 
 

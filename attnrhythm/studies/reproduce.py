@@ -168,10 +168,11 @@ def assemble(run: dict, table2: dict, table1: dict, ranges: dict, sweep: list[di
              meta: dict, figures: dict) -> dict:
     """reproduction.json: the tables, the claims with their verdicts, the summary, the
     directions under every analysis choice and what the intervals were computed with."""
-    rows = claims(table2, table1, ranges, default_layers=run.get("layers"),
-                  receivers_sampled=run["config"].get("receiver_layers") == "sampled")
+    analysis = dict(layers=run.get("layers"), receiver_layers=run["config"].get("receiver_layers"))
+    rows = claims(table2, table1, ranges, analysis, overlap)
     saved = run["settings"]
     return dict(meta=meta, summary=claims_summary(rows), claims=rows, choices=directions_by_choice(rows, sweep),
+                analysis=analysis,
                 table2=table2, table1={k: v for k, v in table1.items() if k != "machine"},
                 layer_ranges={name: {k: v for k, v in entry.items() if k != "per_problem"}
                               for name, entry in ranges.items()},

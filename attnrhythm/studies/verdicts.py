@@ -20,9 +20,10 @@ The wording names both, e.g. "direction reproduced, magnitude not".  Fewer than
 
 :func:`claims` turns the tables of a reproduction into claim rows, each in a *family*
 (``FAMILIES``): the paper's main numbers (Tables 1 and 2), the co-occurrence with disjoint head
-sets, and the layer ranges.  A layer-range row that repeats a Table 2 number (the default range,
-for a coupling that does not involve receiver heads) is shown but not counted, so the summary
-(:func:`claims_summary`) counts each number once.  :func:`directions_by_choice` says, per
+sets, and the layer ranges.  A row that repeats a number counted elsewhere (:func:`repeats`: the
+default range, for a coupling that does not involve receiver heads; disjoint sets where no head
+was shared) is shown but not counted, so the summary (:func:`claims_summary`) counts each number
+once.  :func:`directions_by_choice` says, per
 coupling, under which analysis choices (peak rule, layer range, head sets) its direction holds.
 """
 from __future__ import annotations
@@ -161,25 +162,35 @@ def _row(key, claim, table, family, ours, ci, paper, null, fmt, n, judge=True, c
     return row
 
 
-def repeats_table2(range_layers, coupling: str, default_layers, receivers_sampled: bool) -> bool:
-    """Whether a layer-range row is a Table 2 number again: the range is the analysis's own
-    layers and the coupling does not involve receiver heads, or they were ranked in those
-    layers in both."""
-    same = default_layers is not None and list(range_layers or []) == list(default_layers)
-    return same and (coupling not in RECEIVER_COUPLINGS or receivers_sampled)
+def repeats(key: str, range_layers, analysis: dict, overlap: dict) -> str | None:
+    """Why a claim row repeats a number counted elsewhere, or None when it does not.
+
+    A layer-range row repeats Table 2 when the range is the analysis's own layers and the
+    coupling does not involve receiver heads, or they were ranked in those layers in both.  A
+    disjoint-sets row repeats its co-occurrence row when no response shares a head between the
+    two sets (``overlap``'s ``shared_max`` is 0: nothing was taken out)."""
+    name, _, coupling = key.rpartition("/")
+    if coupling == DISJOINT and (overlap.get(name or "table2") or {}).get("shared_max") == 0:
+        return "no head shared: the co-occurrence row again; not counted"
+    if name and list(range_layers or []) == list(analysis.get("layers") or [None]) and (
+            coupling not in RECEIVER_COUPLINGS or analysis.get("receiver_layers") == "sampled"):
+        return "the Table 2 number again; not counted"
+    return None
 
 
-def claims(table2: dict, table1: dict, ranges: dict, *, default_layers=None, receivers_sampled: bool = False) -> list[dict]:
+def claims(table2: dict, table1: dict, ranges: dict, analysis: dict | None = None,
+           overlap: dict | None = None) -> list[dict]:
     """Every claim with our value, interval, the paper's value, the verdict, its family and
-    whether the summary counts it.
+    whether the summary counts it (``repeats``).
 
     Args:
         table2: ``couplings_table`` rows (``DISJOINT`` among them when measured).
         table1: the perturbation summary (``perturb.summarize``).
         ranges: ``{range: {"layers": [...], "table": couplings table}}``.
-        default_layers: the analysis's layers (its range's rows that repeat Table 2 are not
-            counted); receivers_sampled: the analysis ranked receiver heads in those layers only.
+        analysis: ``{"layers": the analysis's layers, "receiver_layers": "all" | "sampled"}``.
+        overlap: ``{"table2" | range: records.head_overlap(...)}``.
     """
+    analysis, overlap = analysis or {}, overlap or {}
     rows = []
     for name in COUPLINGS:
         if name in table2:
@@ -192,21 +203,22 @@ def claims(table2: dict, table1: dict, ranges: dict, *, default_layers=None, rec
         rows.append(_row(key, label, "Table 1", "main", stat.get("mean", stat.get("share")), stat["ci"],
                          stat["paper"], null, "num" if key == "difference" else "pct", table1["n_compared"]))
     if DISJOINT in table2:
-        r = table2[DISJOINT]
+        r, again = table2[DISJOINT], repeats(DISJOINT, None, analysis, overlap)
         rows.append(_row(DISJOINT, f"{LABELS[DISJOINT]}: observed above random (lift > 0)", "Table 2, disjoint sets",
                          "disjoint", r["lift"], r["lift_ci"], PAPER_TABLE2[PAPER_ROW[DISJOINT]]["lift"], 0.0, "signed",
-                         r["n"], judge=False, note="sign compared with the paper's co-occurrence"))
+                         r["n"], judge=False, counted=again is None,
+                         note=again or "sign compared with the paper's co-occurrence"))
     for name in RANGES:
         entry = ranges.get(name, {})
         for coupling in ALL_COUPLINGS:
             r = entry.get("table", {}).get(coupling)
             if r is None:
                 continue
-            counted = not repeats_table2(entry.get("layers"), coupling, default_layers, receivers_sampled)
+            again = repeats(f"{name}/{coupling}", entry.get("layers"), analysis, overlap)
             rows.append(_row(f"{name}/{coupling}", f"{name} third: {LABELS[coupling]}, lift > 0", "v2 Table 10",
                              "layer ranges", r["lift"], r["lift_ci"], PAPER_TABLE2[PAPER_ROW[coupling]]["lift"], 0.0,
-                             "signed", r["n"], judge=False, counted=counted,
-                             note="middle layers; sign compared" if counted else "the Table 2 number again; not counted"))
+                             "signed", r["n"], judge=False, counted=again is None,
+                             note=again or "middle layers; sign compared"))
     return rows
 
 
@@ -226,7 +238,7 @@ def claims_summary(rows: list[dict]) -> str:
             continue
         text = f"{title}: {summary_line([_as_verdict(r) for r in counted], 'numbers')}"
         if len(mine) > len(counted):
-            text += f"; {len(mine) - len(counted)} more rows repeat a Table 2 number and are not counted"
+            text += f"; {len(mine) - len(counted)} more rows repeat a number counted elsewhere and are not counted"
         parts.append(text)
     return ". ".join(parts)
 
