@@ -71,7 +71,7 @@ def test_claims_families_and_counting(tmp_path):
     assert summary.startswith("Paper's numbers (Tables 1 and 2): 5 numbers: direction reproduced in 3, inconclusive "
                               "in 1, opposite in 1; magnitude reproduced in 0, not reproduced in 4, undetermined in 1")
     assert "Layer ranges (v2 Table 10): 10 numbers" in summary and "2 more rows repeat a number" in summary
-    assert "Co-occurrence with disjoint head sets: 1 numbers: direction reproduced in 1" in summary
+    assert "Co-occurrence with disjoint head sets: 1 number: direction reproduced in 1" in summary
     result = dict(claims=rows, table2=table2, table1=table1, layer_ranges=ranges, analysis=analysis)
     assert published.check_claims(result) == []
     # receivers ranked in the sampled layers: the middle co-occurrence rows repeat Table 2 too

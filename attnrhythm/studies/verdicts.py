@@ -142,7 +142,7 @@ def summary_line(verdicts: list[Verdict], noun: str = "claims") -> str:
     d = [f"direction reproduced in {directions['reproduced']}"] + [
         f"{value} in {directions[value]}" for value in ("inconclusive", "opposite") if directions[value]]
     judged = [m for m in MAGNITUDES if m != "not judged"]
-    text = f"{len(verdicts)} {noun}: " + ", ".join(d)
+    text = f"{len(verdicts)} {noun if len(verdicts) != 1 else noun.removesuffix('s')}: " + ", ".join(d)
     if any(magnitudes[m] for m in judged):
         text += "; magnitude " + ", ".join(f"{m} in {magnitudes[m]}" for m in judged
                                            if magnitudes[m] or m == "reproduced")
@@ -236,9 +236,14 @@ def claims_summary(rows: list[dict]) -> str:
         counted = [r for r in mine if r.get("counted", True)]
         if not mine:
             continue
+        extra = len(mine) - len(counted)
+        rows_text = f"{extra} row{'s' if extra != 1 else ''} repeat{'s' if extra == 1 else ''} a number counted elsewhere"
+        if not counted:
+            parts.append(f"{title}: no number of its own ({rows_text})")
+            continue
         text = f"{title}: {summary_line([_as_verdict(r) for r in counted], 'numbers')}"
-        if len(mine) > len(counted):
-            text += f"; {len(mine) - len(counted)} more rows repeat a number counted elsewhere and are not counted"
+        if extra:
+            text += f"; {extra} more {rows_text.split(' ', 1)[1]} and {'are' if extra != 1 else 'is'} not counted"
         parts.append(text)
     return ". ".join(parts)
 
