@@ -96,10 +96,11 @@ def ensure_analysis(args: ReproduceSettings, load) -> tuple[dict, list[dict], di
     if run is None or run.get("status") != "complete" or not (out / "couplings.json").exists():
         settings = settings_for(AnalyzeSettings, args, **(run["settings"] if run else {}))
         config = RhythmConfig.from_dict(run["config"]) if run else settings.config()
+        problems = load_problems(settings.data, settings.n, settings.seed)  # bad data refused before the model loads
         logger.info(f"reproduce: {'resuming' if run else 'running'} the analysis in {out}")
         model, tokenizer = load()
-        run = run_analysis(model, tokenizer, load_problems(settings.data, settings.n, settings.seed), out, settings,
-                           config, resume=run is not None, progress=False, command=args.command_line)
+        run = run_analysis(model, tokenizer, problems, out, settings, config, resume=run is not None, progress=False,
+                           command=args.command_line)
     else:
         logger.info(f"reproduce: reusing the analysis in {out}")
     return run, io.read_jsonl(out / "metrics.jsonl"), io.read_json(out / "couplings.json")["table"]
@@ -120,8 +121,9 @@ def with_disjoint(run: dict, records: list[dict], table2: dict, series: dict) ->
     config = RhythmConfig.from_dict(run["config"])
     for r in records:
         r["fai_global_disjoint"] = series.get(r["id"])
-        if r.get("couplings") and r["fai_global_disjoint"] is not None:
-            r["couplings"][DISJOINT] = record_couplings(r, config).get(DISJOINT)
+        pair = record_couplings(r, config).get(DISJOINT) if r.get("couplings") and r["fai_global_disjoint"] else None
+        if pair is not None:
+            r["couplings"][DISJOINT] = pair
     saved = run["settings"]
     extra = records_table(records, [DISJOINT], n_boot=saved.get("n_boot", 2000), seed=saved["seed"])
     return {**table2, **extra}
