@@ -214,7 +214,8 @@ def _ancestors_to_create(path: Path) -> list[Path]:
         if p.is_dir():
             return missing
         if p.exists():
-            raise UnusablePath(f"{p} is a file, so {path} cannot be a folder; choose another --out")
+            raise UnusablePath(f"{p} is a file" + ("" if p == path else f", so {path} cannot be a folder")
+                               + "; choose another --out")
         missing.append(p)
     return missing
 

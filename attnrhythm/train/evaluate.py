@@ -126,18 +126,6 @@ def resolve_model_dir(path: str) -> str:
     return path
 
 
-def read_result(path) -> dict:
-    """An eval.json written by `attnrhythm eval`, checked: a file of another shape is a UserError
-    naming it (not a KeyError deep inside a comparison)."""
-    result = io.read_json(path)
-    problems = result.get("problems") if isinstance(result, dict) else None
-    if not (isinstance(problems, list) and isinstance(result.get("metrics"), dict) and all(
-            isinstance(p, dict) and isinstance(p.get("scores"), list) and p["scores"]
-            and all(isinstance(x, (int, float)) for x in p["scores"]) for p in problems)):
-        raise UserError(f"{path} is not an eval result of `attnrhythm eval` (settings, metrics, problems with scores)")
-    return result
-
-
 def format_table(results: list[dict]) -> str:
     """One row per result: model, task, n, samples and every metric."""
     keys = []

@@ -45,8 +45,8 @@ class TrainSettings:
     @property
     def out(self) -> str:
         """The run folder: --out, else the --config file's, else the default."""
-        from_yaml = load_yaml(self.config).get("out") if self.config else None
-        return self.flags.get("out") or from_yaml or TrainConfig().out
+        return (self.flags.get("out") or (load_yaml(self.config).get("out") if self.config else None)
+                or TrainConfig().out)
 
 
 SETTINGS = TrainSettings

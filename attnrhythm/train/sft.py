@@ -212,13 +212,19 @@ STAGING = ".partial"
 (config.json and warm_start.json last), so a killed save never looks like a warm start."""
 
 
-def _save(model, tokenizer, info: dict, out: str) -> None:
-    """Save into ``out`` through STAGING; a staging folder left by a killed sft (its marker names
-    sft) is replaced, anything else there is refused."""
+def _check_staging(out: str) -> Path:
+    """STAGING of ``out``: one a killed sft left (its marker names sft) is replaced later,
+    anything else there is refused now, before the model loads."""
     staging = Path(out) / STAGING
+    if staging.exists() and io.written_by(staging) != ["sft"]:
+        raise UserError(f"{staging} was not made by `attnrhythm sft`; move it away or choose another --out")
+    return staging
+
+
+def _save(model, tokenizer, info: dict, out: str) -> None:
+    """Save into ``out`` through STAGING (config.json and warm_start.json moved in last)."""
+    staging = _check_staging(out)
     if staging.exists():
-        if io.written_by(staging) != ["sft"]:
-            raise UserError(f"{staging} was not made by `attnrhythm sft`; move it away or choose another --out")
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     io.mark(staging, "sft")
@@ -239,6 +245,7 @@ def run_warm_start(settings: SftSettings) -> dict:
     check_fields(settings)
     task = get_task(settings.task, settings.template)
     models.check_model(settings.model)
+    _check_staging(settings.out)
     model, tokenizer = models.load_model(settings.model, dtype="float32")
     rows = task.load("train", settings.n, settings.seed)
     final_fraction = VARIANTS[settings.task].get("final_fraction", 0.0)
