@@ -21,6 +21,7 @@ import argparse
 import ast
 import contextlib
 import dataclasses
+import functools
 import importlib
 import inspect
 import shlex
@@ -102,6 +103,7 @@ def _base_type(annotation):
     return annotation, optional
 
 
+@functools.cache
 def field_docs(cls) -> dict[str, str]:
     """The docstring under each field of dataclass ``cls`` and its bases, on one line."""
     docs = {}
@@ -121,8 +123,8 @@ def _shown(value) -> str:
 
 
 def _add_flag(parser, flag: str, dest: str, kind, meta: dict, help_text: str, default, shown) -> None:
-    """One flag; ``kind`` its type (a Literal gives the choices, a bool gives --x/--no-x where
-    ``default`` is True or not given)."""
+    """One flag; ``kind`` its type (a Literal gives the choices; a bool gives --x/--no-x unless its
+    default is False), ``shown`` the default its help names."""
     common = dict(dest=dest, default=default, help=f"{help_text} (default: {_shown(shown)})".replace("%", "%%"))
     metavar = flag[2:].replace("-", "_").upper()
     choices = meta.get("choices")
@@ -139,23 +141,24 @@ def _add_flag(parser, flag: str, dest: str, kind, meta: dict, help_text: str, de
 
 
 def _add_given_flags(parser, field: dataclasses.Field) -> None:
-    """A flag for each field of ``metadata["flags_of"]`` (and of its nested dataclass fields that
-    name ``flags``); only the flags given reach the dict ``field`` (dest ``FIELD.NAME``), and the
-    help shows the value of ``metadata["shown"]()`` (what a bare command uses)."""
+    """A flag for each field of ``metadata["flags_of"]`` (for a nested dataclass field, one for each
+    of its fields that the field's ``metadata["flags"]`` names); only the flags given reach the
+    dict ``field`` (dest ``FIELD.NAME``), and the help shows the value in ``metadata["shown"]()``
+    (what a bare command uses)."""
     cls, shown = field.metadata["flags_of"], field.metadata["shown"]()
-    hints, docs = typing.get_type_hints(cls), field_docs(cls)
     for f in dataclasses.fields(cls):
         if f.metadata.get("cli") is False:
             continue
-        nested = f.metadata.get("flags")
-        for name, sub in ([(n, next(g for g in dataclasses.fields(hints[f.name]) if g.name == n)) for n in nested]
-                          if nested else [(f.name, f)]):
-            owner = hints[f.name] if nested else cls
-            kind = _base_type(typing.get_type_hints(owner)[name])[0]
-            value = getattr(getattr(shown, f.name), name) if nested else getattr(shown, name)
-            _add_flag(parser, "--" + name.replace("_", "-"), f"{field.name}.{name}", kind, sub.metadata,
-                      sub.metadata.get("help") or (field_docs(owner) if nested else docs).get(name, ""),
-                      argparse.SUPPRESS, value)
+        if f.metadata.get("flags"):
+            owner = typing.get_type_hints(cls)[f.name]
+            named = {g.name: g for g in dataclasses.fields(owner)}
+            flags = [(owner, named[n], getattr(getattr(shown, f.name), n)) for n in f.metadata["flags"]]
+        else:
+            flags = [(cls, f, getattr(shown, f.name))]
+        for owner, g, value in flags:
+            _add_flag(parser, "--" + g.name.replace("_", "-"), f"{field.name}.{g.name}",
+                      _base_type(typing.get_type_hints(owner)[g.name])[0], g.metadata,
+                      g.metadata.get("help") or field_docs(owner).get(g.name, ""), argparse.SUPPRESS, value)
 
 
 def add_settings(parser: argparse.ArgumentParser, cls) -> None:

@@ -224,6 +224,24 @@ def _coerce(name: str, current, value):
     return value
 
 
+def load_function(spec: str):
+    """'package.module:function' -> the function."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise UserError(f"reward_function must look like 'module:function', got {spec!r}")
+    try:
+        found = getattr(importlib.import_module(module), name, None)
+    except ModuleNotFoundError as err:
+        if err.name != module.split(".")[0] and err.name != module:
+            raise  # the module exists but its own import is broken: a bug to see in full
+        raise UserError(f"reward_function {spec!r}: no module {module!r} on the Python path") from None
+    if found is None:
+        raise UserError(f"reward_function {spec!r}: {module} has no {name!r}")
+    return found
+
+
 def load_yaml(path) -> dict:
     """The mapping of a YAML config file; a missing, unreadable or bad file is a UserError."""
     import yaml
@@ -351,5 +369,5 @@ def run_name(run_dir: str) -> str:
     return str(credit) if isinstance(credit, str) and credit else os.path.basename(os.path.normpath(run_dir))
 
 
-__all__ = ["PRESETS", "TrainConfig", "default_preset", "last_checkpoint", "load_yaml", "resolve_device", "resolved",
+__all__ = ["PRESETS", "TrainConfig", "default_preset", "last_checkpoint", "load_function", "load_yaml", "resolve_device", "resolved",
            "run_name", "save_yaml", "to_grpo_config", "train_size"]

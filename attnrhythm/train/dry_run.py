@@ -31,7 +31,7 @@ from pathlib import Path
 
 from attnrhythm import io
 from attnrhythm.errors import MissingInput, UserError, closest
-from attnrhythm.train.config import TrainConfig, load_yaml, resolved, train_size
+from attnrhythm.train.config import TrainConfig, load_function, load_yaml, resolved, train_size
 
 TYPICAL_PROMPT_TOKENS = 256
 """Prompt length assumed when no prompt of the task can be built or measured here."""
@@ -103,24 +103,6 @@ def plan_line(config: TrainConfig, world_size: int = 1) -> str:
             f"{config.max_completion_length} tokens, {config.max_steps} optimizer steps, lr {config.learning_rate:g}, "
             f"credit {config.credit}; rough time for a 135M model on {device}: "
             f"{max(1, round(seconds / 60))} min (larger models take longer)")
-
-
-def load_function(spec: str):
-    """'package.module:function' -> the function."""
-    import importlib
-
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise UserError(f"reward_function must look like 'module:function', got {spec!r}")
-    try:
-        found = getattr(importlib.import_module(module), name, None)
-    except ModuleNotFoundError as err:
-        if err.name != module.split(".")[0] and err.name != module:
-            raise  # the module exists but its own import is broken: a bug to see in full
-        raise UserError(f"reward_function {spec!r}: no module {module!r} on the Python path") from None
-    if found is None:
-        raise UserError(f"reward_function {spec!r}: {module} has no {name!r}")
-    return found
 
 
 # ----------------------------------------------------------------------------- config
@@ -410,4 +392,4 @@ def dry_run(config, *, world_size: int | None = None, accelerate_config: str | N
     return DryRun("\n".join(lines), errors, warnings, values)
 
 
-__all__ = ["DryRun", "Plan", "dry_run", "load_function", "model_shape", "plan", "plan_line"]
+__all__ = ["DryRun", "Plan", "dry_run", "model_shape", "plan", "plan_line"]

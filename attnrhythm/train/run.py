@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from attnrhythm import io, log
 from attnrhythm.errors import MissingInput, UserError, check_device
 from attnrhythm.io import option
-from attnrhythm.train.config import (TrainConfig, last_checkpoint, load_yaml, resolve_device, resolved, save_yaml,
-                                     to_grpo_config)
-from attnrhythm.train.dry_run import dry_run, load_function, plan_line
+from attnrhythm.train.config import (TrainConfig, last_checkpoint, load_function, load_yaml, resolve_device, resolved,
+                                     save_yaml, to_grpo_config)
+from attnrhythm.train.dry_run import dry_run, plan_line
 
 logger = log.get_logger(__name__)
 
