@@ -419,3 +419,42 @@ def test_fused_receivers_equal_the_block_path(tiny_models):
         assert a.band.shape == b.band.shape and a.layers == b.layers
         for key in ("row_distance", "band", "col_sum"):
             assert relative(getattr(a, key), getattr(b, key).double()) < 1e-5, key
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """benchmarks/fused_gpu_check.py end to end on tiny shapes under the interpreter: every stage
+    reports its rows (pass 1 alone, statistics only, SDPA; decoder, plain, streaming, fused and in
+    pass in one process) into --out, and the exactness rows hold.  Stages past their time limit
+    are reported and the run goes on; the watchdog stops the whole run at --limit (exit 124)."""
+    rows = gpu_check(tmp_path / "full", 0)
+    assert (tmp_path / "full" / "fused_gpu_check.txt").read_text().count("\n") == len(rows)
+    found = {(r["stage"], r.get("row")) for r in rows if isinstance(r, dict)}
+    for want in [("kernels", "sdpa"), ("kernels", "pass 1 only"), ("kernels", "statistics only"),
+                 ("model", "decoder"), ("model", "plain"), ("model", "streaming"), ("model", "fused"),
+                 ("model", "in pass"), ("in_pass", None), ("eager", None), ("exact", None)]:
+        assert want in found, want
+    assert not [r for r in rows if isinstance(r, dict) and ("error" in r or "timeout" in r or r.get("ok") is False)]
+    assert rows[-1] == "done: 0 failed row(s) or stage(s)"
+    rows = gpu_check(tmp_path / "stages", 1, "--stage-scale", "1e-4")
+    assert {r["stage"] for r in rows if isinstance(r, dict) and "timeout" in r} == set(STAGES)
+    assert rows[-1] == f"done: {len(STAGES)} failed row(s) or stage(s)"
+    rows = gpu_check(tmp_path / "watchdog", 124, "--limit", "2")
+    assert rows[-1].startswith("watchdog: the run passed --limit 2 s")
+
+
+def gpu_check(out, returncode: int, *args) -> list:
+    """Rows of one dry run of benchmarks/fused_gpu_check.py (a subprocess: the interpreter and
+    the watchdog's exit stay out of this process)."""
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "fused_gpu_check.py"), "--dry-run",
+                           "--out", str(out), *args], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == returncode, done.stdout[-2000:] + done.stderr[-2000:]
+    return json.loads((out / "fused_gpu_check.json").read_text())
+
+
+STAGES = {"exact", "eager", "kernels", "model", "in_pass"}

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from attnrhythm import io
-from attnrhythm.capture import capture_statistics, resolve_layers
+from attnrhythm.capture import capture_with_receivers, resolve_layers
 from attnrhythm.core.config import ANALYSIS_HORIZON, RhythmConfig
 from attnrhythm.core.couplings import couplings_table, response_couplings
 from attnrhythm.core.heads import mask_to_heads, select_receiver_heads
@@ -55,8 +55,8 @@ def capture_records(model, prompt_ids: list[list[int]], response_ids: list[list[
     ``entropy`` (lists, None = undefined), ``local_heads``/``global_heads`` ([model layer, head]
     pairs), ``head_distance`` ([L][H]), ``receiver_layers`` (the layers receiver heads are ranked
     in: every layer, or the sampled ones, ``config.receiver_layers``), ``receiver_kurtosis``
-    ([R][H] over those) and ``_head_fai`` ([R, H, T] array).  One capture serves both: the sampled
-    layers' statistics are a slice of the all-layer capture.
+    ([R][H] over those) and ``_head_fai`` ([R, H, T] array).  One capture serves both
+    (``capture_with_receivers``): receiver layers keep only what their scores read.
     """
     layers = resolve_layers(model, config)
     receiver_layers = receiver_layers_of(model, config)
@@ -74,10 +74,10 @@ def capture_records(model, prompt_ids: list[list[int]], response_ids: list[list[
         attention_mask[j, :len(seqs[j])] = 1
         response_mask[j, len(prompt_ids[i]):len(seqs[j])] = True
     device = next(model.parameters()).device
-    captured = sorted(set(layers) | set(receiver_layers))
-    all_stats = capture_statistics(model, input_ids.to(device), attention_mask.to(device), config=config,
-                                   layers=captured, backend=backend).to("cpu")
-    stats, receiver_stats = all_stats.subset(layers), all_stats.subset(receiver_layers)
+    # receiver layers keep only the diagonals their scores read, assembled on the CPU
+    stats, receiver_stats = capture_with_receivers(model, input_ids.to(device), attention_mask.to(device),
+                                                   config=config, receiver_layers=receiver_layers, backend=backend,
+                                                   device="cpu")
     result = rhythm_from_stats(stats, response_mask, config)
     kurt = receiver_kurtosis(receiver_stats, response_mask, config.receiver_gap)
     head_fai = per_head_fai(receiver_stats, result.positions, result.mask, config.fai_horizon)
