@@ -36,16 +36,18 @@ def build_model(shape: dict, device: str, dtype: torch.dtype):
     return model.eval()
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 
-def measure(fn, device: str, repeats: int) -> tuple[float, float]:
-    """(best seconds, peak GiB above the start) of fn."""
+def measure(fn, device, repeats: int) -> tuple[float, float, float]:
+    """(best seconds, peak GiB above the start, peak GiB in all; NaN off CUDA) of fn, after a
+    warm-up call."""
     fn()
-    _sync(device)
-    if device.startswith("cuda"):
+    sync(device)
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
@@ -53,10 +55,12 @@ def measure(fn, device: str, repeats: int) -> tuple[float, float]:
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() - start) / 2**30 if device.startswith("cuda") else float("nan")
-    return best, peak
+    if not cuda:
+        return best, float("nan"), float("nan")
+    peak = torch.cuda.max_memory_allocated()
+    return best, (peak - start) / 2**30, peak / 2**30
 
 
 def fused_status(shape: dict, device: str, dtype: torch.dtype) -> str:

@@ -30,10 +30,7 @@ decoder's + 10%.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
-import signal
 import sys
 import threading
 import time
@@ -43,71 +40,13 @@ sys.path[:0] = [os.path.dirname(ROOT), ROOT]  # this checkout's attnrhythm; capt
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from capture_gpu import sync as _sync  # noqa: E402
 
 from attnrhythm.capture import fused  # noqa: E402
 from attnrhythm.core.stats import accumulate_rows, empty_stats  # noqa: E402
+from stages import Report, StageTimeout, check_deadline, time_limit  # noqa: E402
 
 STAGES = {"exact": 60, "eager": 30, "kernels": 70, "model": 110, "in_pass": 20}  # seconds on an H100
-
-
-class StageTimeout(Exception):
-    pass
-
-
-_deadline = [float("inf")]  # of the stage in flight (perf_counter seconds)
-
-
-def check_deadline(error: Exception | None = None) -> None:
-    """Raise StageTimeout once the stage's time is up (also for an error that wraps one: the
-    Triton interpreter re-raises what its kernels meet as InterpreterError)."""
-    if isinstance(error, StageTimeout) or time.perf_counter() >= _deadline[0]:
-        raise StageTimeout("over its time limit") from error
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float):
-    """StageTimeout in this (main) thread after ``seconds`` (Python code runs between kernel
-    launches), raised again every half second: one raised inside a ``__del__`` is ignored."""
-    def expire(signum, frame):
-        raise StageTimeout(f"over its limit of {seconds:.3g} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    _deadline[0] = time.perf_counter() + seconds
-    signal.setitimer(signal.ITIMER_REAL, seconds, 0.5)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-        _deadline[0] = float("inf")
-
-
-class Report:
-    """Rows written to ``DIR/fused_gpu_check.txt`` (one line each) and ``.json``, rewritten after
-    every row (atomic replace); thread-safe for the watchdog."""
-
-    def __init__(self, directory: str):
-        os.makedirs(directory, exist_ok=True)
-        self.path = os.path.join(directory, "fused_gpu_check")
-        self.rows: list = []
-        self.lock = threading.Lock()
-
-    def __call__(self, item) -> None:
-        with self.lock:
-            self.rows.append(item)
-            text = item if isinstance(item, str) else json.dumps(item, default=str)
-            print(text, flush=True)
-            for suffix, body in ((".txt", "\n".join(r if isinstance(r, str) else json.dumps(r, default=str)
-                                                     for r in self.rows) + "\n"),
-                                 (".json", json.dumps(self.rows, indent=1, default=str))):
-                with open(self.path + suffix + ".tmp", "w") as f:
-                    f.write(body)
-                os.replace(self.path + suffix + ".tmp", self.path + suffix)
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------- 1. exactness
@@ -227,32 +166,10 @@ def kernel_rows(n, heads, kv_heads, d, device, alternatives):
 
 
 # ---------------------------------------------------------------- 4. model rows, 5. in pass
-def measure(fn, device, repeats) -> tuple:
-    """(best seconds, peak GiB above the start, peak GiB in all; None off CUDA) of fn, after a
-    warm-up call."""
-    fn()
-    _sync(device)
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    if not cuda:
-        return best, None, None
-    peak = torch.cuda.max_memory_allocated()
-    return best, (peak - start) / 2**30, peak / 2**30
-
-
 def model_rows(model, n, vocab, device, repeats):
     import attnrhythm as ar
     from attnrhythm.capture.in_pass import statistics_in_pass
-    from capture_gpu import compare
+    from capture_gpu import compare, measure
 
     config = ar.RhythmConfig()
     ids = torch.randint(0, vocab, (1, n), device=device)
@@ -292,11 +209,11 @@ def model_rows(model, n, vocab, device, repeats):
         row = dict(stage="model", n=n, row=name)
         if isinstance(value, tuple):
             row.update(seconds=round(value[0], 4))
-            if value[1] is not None:  # CUDA
+            if value[1] == value[1]:  # not NaN: CUDA
                 row.update(added_peak_gib=round(value[1], 3), peak_gib=round(value[2], 3))
             if isinstance(base, tuple):
                 row["vs_decoder"] = round(value[0] / base[0], 2)
-                if base[2]:
+                if base[2] == base[2]:
                     row["peak_vs_decoder"] = round(value[2] / base[2], 3)
         else:
             row["error"] = value

@@ -39,7 +39,8 @@ def has_attention_sinks(model) -> bool:
 
 
 def capture(model, kwargs: dict, layers: list[int], config: RhythmConfig, valid: Tensor, entropy: bool,
-            block_bytes: int | None = None, narrow_layers: list[int] = ()):
+            block_bytes: int | None = None,
+            narrow_layers: list[int] = ()) -> tuple[AttentionStats, AttentionStats | None]:
     """(statistics of ``layers``, of ``narrow_layers`` (band ``receiver_band_width``) or None)
     from full maps (``block_bytes`` is not used here)."""
     input_ids = kwargs["input_ids"]

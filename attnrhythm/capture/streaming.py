@@ -290,7 +290,8 @@ def streaming_capture(layers: list[int], band_width: int, valid: Tensor, block_b
 
 
 def capture(model, kwargs: dict, layers: list[int], config: RhythmConfig, valid: Tensor, entropy: bool,
-            block_bytes: int | None = None, narrow_layers: list[int] = (), mode: str = "block"):
+            block_bytes: int | None = None, narrow_layers: list[int] = (),
+            mode: str = "block") -> tuple[AttentionStats, AttentionStats | None]:
     """(statistics of ``layers``, of ``narrow_layers`` (band ``receiver_band_width``) or None)
     from one forward pass with
     the streaming attention function.  ``block_bytes`` bounds the working set per block of rows
