@@ -38,8 +38,24 @@ def _dim_mask(offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _program_head(GRID_Y):
-    return tl.program_id(2).to(tl.int64) * GRID_Y + tl.program_id(1)
+def _program_head(GRID_Y, H):
+    """(sequence x head index, sequence, query head) of this program, 64-bit."""
+    bh = tl.program_id(2).to(tl.int64) * GRID_Y + tl.program_id(1)
+    return bh, bh // H, bh % H
+
+
+@triton.jit
+def _ranges(start, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr):
+    """Positions start + [0, BLOCK_A) of this program's block, [0, BLOCK_B) of the blocks it
+    visits and [0, BLOCK_D) of the head dimension; 64-bit with ``WIDE``."""
+    offs_a = start + tl.arange(0, BLOCK_A)
+    offs_b = tl.arange(0, BLOCK_B)
+    offs_d = tl.arange(0, BLOCK_D)
+    if WIDE:
+        offs_a = offs_a.to(tl.int64)
+        offs_b = offs_b.to(tl.int64)
+        offs_d = offs_d.to(tl.int64)
+    return offs_a, offs_b, offs_d
 
 
 @triton.jit
@@ -98,20 +114,12 @@ def forward_kernel(Q, K, V, O, M, L, RD, VALID, START, SINK,
     """Pass 1: a flash-attention forward with the row distance accumulated like the output, and
     each row's base-2 maximum M and normaliser L.  ``WRITE_OUT=False`` (statistics only, beside
     the model's own attention output) skips V and the output entirely."""
-    bh = _program_head(GRID_Y)
+    bh, b, h = _program_head(GRID_Y, H)
     if bh >= BH:
         return
     # the longest rows (most keys) first, so that the last wave of programs is short
     m0 = (tl.cdiv(N, BLOCK_M) - 1 - tl.program_id(0)) * BLOCK_M
-    b = bh // H
-    h = bh % H
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    if WIDE:
-        offs_m = offs_m.to(tl.int64)
-        offs_n0 = offs_n0.to(tl.int64)
-        offs_d = offs_d.to(tl.int64)
+    offs_m, offs_n0, offs_d = _ranges(m0, BLOCK_M, BLOCK_N, BLOCK_D, WIDE)
     d_ok = _dim_mask(offs_d, D, BLOCK_D)
     row_in = offs_m < N
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
@@ -178,19 +186,11 @@ def column_kernel(Q, K, M, L, VALID, START, END, BAND, COL,
     blocks at or below the diagonal, as the transposed tile [keys, rows] (FlashAttention's
     backward orientation), so the column sum reduces along each thread's own row instead of
     across warps; the band ``A[t, t-o]``, o < band_width, is stored straight from the tile."""
-    bh = _program_head(GRID_Y)
+    bh, b, h = _program_head(GRID_Y, H)
     if bh >= BH:
         return
     n0 = tl.program_id(0) * BLOCK_N
-    b = bh // H
-    h = bh % H
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    if WIDE:
-        offs_n = offs_n.to(tl.int64)
-        offs_m0 = offs_m0.to(tl.int64)
-        offs_d = offs_d.to(tl.int64)
+    offs_n, offs_m0, offs_d = _ranges(n0, BLOCK_N, BLOCK_M, BLOCK_D, WIDE)
     d_ok = _dim_mask(offs_d, D, BLOCK_D)
     n_in = offs_n < N
     k = tl.load(K + b * skb + (h // GROUP) * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
