@@ -90,11 +90,11 @@ class _Capture:
         if sinks and stats.row_mass is None:
             # rows of models with sinks sum to less than 1 over positions: keep each row's mass (WAAD's
             # capped distance needs it); rows captured so far had no sink, so mass 1 on real tokens
-            stats.row_mass = unit_mass(stats)
+            stats.row_mass = _unit_mass(stats)
         return stats, slot
 
 
-def unit_mass(stats: AttentionStats) -> Tensor:
+def _unit_mass(stats: AttentionStats) -> Tensor:
     """Row mass 1 on every real row, 0 on padding: [B, L, H, N]."""
     batch, n_layers, heads, length = stats.row_distance.shape
     return stats.valid.to(stats.row_distance.device, torch.float32)[:, None, None].expand(
@@ -110,7 +110,9 @@ def active() -> _Capture | None:
 
 
 def streaming_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, scaling=None,
-                      dropout: float = 0.0, sliding_window: int | None = None, **kwargs):
+                        dropout: float = 0.0, sliding_window: int | None = None, **kwargs):
+    """The attention function of ``IMPLEMENTATION_NAME`` (module docstring); also called by
+    ``capture/in_pass.py`` beside SDPA for the statistics only."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     layer = getattr(module, "layer_idx", None)
