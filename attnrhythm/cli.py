@@ -73,10 +73,18 @@ COMMANDS = {
                     "(--rhythm: how the attention rhythm drifts over training).",
                     io.OutputFile("plot", (b"attnrhythm plot", b"Matplotlib", b"matplotlib"), (".png", ".pdf", ".svg"))),
     "compare": Command("attnrhythm.train.compare",
-                       "Compare trained runs with their starting model on the same test problems: pass@1 before and "
-                       "after, the gain with a paired 95% bootstrap interval (results.json, results.md).",
+                       "Compare trained runs with their starting model and, seed by seed, with plain GRPO on the same "
+                       "test problems: intervals over seeds and problems, Holm-corrected p (results.json, "
+                       "summary.json, results.md).",
                        io.OutputFiles("compare", {"results.json": (b'"pass1_start"',),
-                                                  "results.md": (b"| training task |",)})),
+                                                  "summary.json": (b'"seeds_above_start"',),
+                                                  "results.md": (b"pass@1 is greedy",)})),
+    "credit-gradients": Command("attnrhythm.train.credit_gradients",
+                                "Why credits differ: on the same rollout batches, each credit's policy gradient "
+                                "against plain GRPO's (cosine), the tokens it reweights and the advantage mass it "
+                                "moves.",
+                                io.OutputFiles("credit-gradients", {"credit_gradients.json": (b'"per_batch"',),
+                                                                    "credit_gradients.md": (b"gradient cosine",)})),
     "credit-view": Command("attnrhythm.train.rhythm_views",
                            "Show sampled training rollouts as HTML, every token coloured by its credit (gamma) and "
                            "labelled by its set (preplan, anchor, dominated anchor, intro).",

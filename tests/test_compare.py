@@ -52,16 +52,12 @@ def test_different_problem_sets_are_refused():
 
 
 def hand_two_level(diffs, n_boot=10_000, seed=0):
-    """Resample by resample with np.ix_, drawing seeds then problems in the order two_level does
-    (chunks of 1,000 resamples)."""
+    """Resample by resample with np.ix_: seeds drawn for every resample first, then one set of
+    problems per resample (problems crossed with seeds), as core.bootstrap.clustered_replicates draws them."""
     rng = np.random.default_rng(seed)
     s, p = diffs.shape
-    means = []
-    for start in range(0, n_boot, 1000):
-        m = min(1000, n_boot - start)
-        rows, cols = rng.integers(0, s, size=(m, s)), rng.integers(0, p, size=(m, p))
-        means += [diffs[np.ix_(rows[b], cols[b])].mean() for b in range(m)]
-    means = np.array(means)
+    rows, cols = rng.integers(0, s, size=(n_boot, s)), rng.integers(0, p, size=(n_boot, 1, p))
+    means = np.array([diffs[np.ix_(rows[b], cols[b, 0])].mean() for b in range(n_boot)])
     return diffs.mean(), np.percentile(means, 2.5), np.percentile(means, 97.5), min(1, 2 * min((means <= 0).mean(), (means >= 0).mean()))
 
 

@@ -81,11 +81,10 @@ def paired_difference(before, after, *, n_boot: int = N_BOOT, seed=0, level: flo
                 n=int(diff.size))
 
 
-def clustered_ci(values, *, n_boot: int = N_BOOT, seed=0, level: float = LEVEL,
-                 shared_items: bool = True) -> tuple[float, float]:
-    """Two-level percentile interval of the grand mean of ``values`` ``[units, items]`` (e.g.
-    seeds x problems): each resample draws units with replacement, then items with replacement,
-    and averages the chosen cells.
+def clustered_replicates(values, *, n_boot: int = N_BOOT, seed=0, shared_items: bool = True) -> np.ndarray:
+    """``[n_boot]`` two-level bootstrap replicates of the grand mean of ``values`` ``[units, items]``
+    (e.g. seeds x problems): each resample draws units with replacement, then items with
+    replacement, and averages the chosen cells.
 
     ``shared_items`` True (crossed design: the same items under every unit, e.g. one test set
     evaluated by every seed) draws one set of items per resample for all chosen units, keeping
@@ -104,5 +103,19 @@ def clustered_ci(values, *, n_boot: int = N_BOOT, seed=0, level: float = LEVEL,
         items = rng.integers(0, n_items, size=(n_boot, 1, n_items))
     else:
         items = rng.integers(0, n_items, size=(n_boot, n_units, n_items))
-    boot = x[units[:, :, None], items].mean((1, 2))
-    return percentile_interval(boot, level)
+    return x[units[:, :, None], items].mean((1, 2))
+
+
+def clustered_ci(values, *, n_boot: int = N_BOOT, seed=0, level: float = LEVEL,
+                 shared_items: bool = True) -> tuple[float, float]:
+    """Two-level percentile interval of the grand mean of ``values`` ``[units, items]``
+    (:func:`clustered_replicates`)."""
+    return percentile_interval(clustered_replicates(values, n_boot=n_boot, seed=seed, shared_items=shared_items),
+                               level)
+
+
+def two_sided_p(replicates) -> float:
+    """Two-sided bootstrap p-value of 'the statistic is 0': twice the smaller share of
+    replicates on either side of 0 (at most 1)."""
+    boot = np.asarray(replicates, dtype=np.float64)
+    return float(min(1.0, 2 * min((boot <= 0).mean(), (boot >= 0).mean())))

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from attnrhythm import io, log
+from attnrhythm.core.bootstrap import clustered_replicates, percentile_interval, resample_indices, two_sided_p
 from attnrhythm.errors import MissingInput, UserError
 from attnrhythm.io import option
 
@@ -56,31 +57,14 @@ def aligned(*evaluations: dict) -> np.ndarray:
     return np.array([[s[k] for k in keys] for s in scores], dtype=np.float64)
 
 
-def bootstrap_p(boots: np.ndarray) -> float:
-    """Two-sided bootstrap p-value of 'the mean is 0': twice the smaller tail beyond 0."""
-    return float(min(1.0, 2 * min((boots <= 0).mean(), (boots >= 0).mean())))
-
-
 def two_level(diffs: np.ndarray, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95) -> dict:
-    """Mean of a [S seeds, P problems] array of paired differences with a two-level interval.
-
-    Each resample draws S seeds with replacement and P problems with replacement (problems are
-    crossed with seeds: every drawn seed is scored on the same drawn problems) and takes the mean.
-    With one seed this is the plain bootstrap over problems.  Returns mean, ci_low, ci_high and
-    the two-sided bootstrap p-value.
-    """
-    diffs = np.asarray(diffs, dtype=np.float64)
-    s, p = diffs.shape
-    rng = np.random.default_rng(seed)
-    boots = np.empty(n_boot)
-    for start in range(0, n_boot, 1000):  # chunks keep the [chunk, S, P] gather small
-        m = min(1000, n_boot - start)
-        rows = rng.integers(0, s, size=(m, s))
-        cols = rng.integers(0, p, size=(m, p))
-        boots[start:start + m] = diffs[rows[:, :, None], cols[:, None, :]].mean(axis=(1, 2))
-    tail = (1 - level) / 2 * 100
-    return {"mean": float(diffs.mean()), "ci_low": float(np.percentile(boots, tail)),
-            "ci_high": float(np.percentile(boots, 100 - tail)), "p": bootstrap_p(boots)}
+    """Mean of a [S seeds, P problems] array of paired differences with a two-level interval
+    (``core.bootstrap.clustered_replicates``, problems crossed with seeds: every drawn seed is
+    scored on the same drawn problems) and its two-sided bootstrap p-value.  With one seed this
+    is the bootstrap over problems."""
+    boots = clustered_replicates(diffs, n_boot=n_boot, seed=seed, shared_items=True)
+    low, high = percentile_interval(boots, level)
+    return {"mean": float(np.mean(diffs)), "ci_low": low, "ci_high": high, "p": two_sided_p(boots)}
 
 
 def holm(pvalues: dict) -> dict:
@@ -104,12 +88,9 @@ def paired_gain(start: dict | list[dict], end: dict | list[dict], n_boot: int = 
     scores = aligned(*starts, *ends)
     x, y = scores[:len(starts)].mean(0), scores[len(starts):].mean(0)
     diff = y - x
-    rng = np.random.default_rng(seed)
-    boots = diff[rng.integers(0, len(diff), size=(n_boot, len(diff)))].mean(1)
-    tail = (1 - level) / 2 * 100
+    low, high = percentile_interval(diff[resample_indices(len(diff), n_boot, seed)].mean(1), level)
     return {"n_test": len(diff), "pass1_start": float(x.mean()), "pass1_end": float(y.mean()),
-            "gain": float(diff.mean()), "ci_low": float(np.percentile(boots, tail)),
-            "ci_high": float(np.percentile(boots, 100 - tail)),
+            "gain": float(diff.mean()), "ci_low": low, "ci_high": high,
             "wins": int((diff > 0).sum()), "losses": int((diff < 0).sum())}
 
 
@@ -146,13 +127,12 @@ def read_evaluation(path: str) -> dict:
 
 
 def load_run(path: str) -> Run:
-    import yaml
+    from attnrhythm.train.config import load_yaml
 
     config_path = os.path.join(path, "config.yaml")
     if not os.path.exists(config_path):
         raise MissingInput(f"{path} has no config.yaml: train it (`attnrhythm train --out {path}`) first")
-    with open(config_path, encoding="utf-8") as f:
-        config = yaml.safe_load(f)
+    config = load_yaml(config_path)  # bad YAML or text that is not UTF-8: one line
     if not isinstance(config, dict) or not {"credit", "seed"} <= set(config):
         raise UserError(f"{config_path} is not an `attnrhythm train` config (it needs credit and seed)")
     commit_path = os.path.join(path, "commit.txt")
