@@ -10,8 +10,13 @@ from __future__ import annotations
 import math
 import os
 
-import pytest
-import torch
+# Triton kernels run under its interpreter in the tests (there is no GPU): the mode is fixed when
+# triton is first imported, and test modules that import the trainer (TRL imports triton) are
+# collected before tests/test_fused.py, so it is set here, before any of them.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def pytest_configure(config):

@@ -23,7 +23,8 @@ caller falls back to a separate capture.
 Positions are the caller's (TRL passes none, so left-padded rows get HF's default positions,
 shifted uniformly by the padding); RoPE makes q.k depend on relative positions only, so the
 statistics equal the separate capture's up to rounding.  tests/test_trainer.py checks that gamma,
-the log-probs and the loss are identical to the two-pass path.
+the log-probs and the loss are identical to the two-pass path (block loop), and
+tests/test_fused_gpu_path.py the gamma and the logits with the fused kernels (Triton interpreter).
 
 Only models configured with ``attn_implementation="sdpa"`` are supported (``supported``); others
 keep the separate capture.
