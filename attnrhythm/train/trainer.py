@@ -275,12 +275,13 @@ class RhythmGRPOTrainer(GRPOTrainer):
         return gamma, entropy, summary
 
     def _separate_pass(self, model, ids, mask):
-        """The separate attention pass, chunk by chunk: (first row, stats)."""
+        """The separate attention pass, chunk by chunk: (first row, stats); the fused kernels on CUDA
+        where they run, the block loop elsewhere (the same numbers)."""
         chunk = self.credit.capture_batch_size or self.args.per_device_train_batch_size
         strategy = get_credit(self.credit.strategy)
         for s in range(0, ids.size(0), chunk):
             yield s, capture_statistics(model, ids[s:s + chunk], mask[s:s + chunk], config=self.credit.rhythm,
-                                        backend="streaming", entropy=strategy.needs_entropy)
+                                        backend="auto", entropy=strategy.needs_entropy)
 
     def _fixed_heads(self, stats, response) -> HeadSets:
         """Head sets of head_mode='fixed' (``calibration_distance`` averaged over ranks so every
