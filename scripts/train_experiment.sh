@@ -116,8 +116,8 @@ for seed in $SEEDS; do
   done
 done
 while (( $(jobs -rp | wc -l) > 0 )); do wait -n || failed=1; done
-# A job that ended while nothing waited (e.g. during a foreground eval above) is not running, so
-# the loop never reads its status: a run is finished only if its eval.json is there.
+# A job that ended while nothing was waiting (during a foreground eval, or just after another job)
+# is no longer running, so the loops above may never read its status: its eval.json tells.
 for run in "${runs[@]}"; do [[ -f $run/eval.json ]] || failed=1; done
 if (( failed )); then echo "[$(stamp)] a run failed; rerun this command to retry it (finished runs are kept)"; exit 1; fi
 
