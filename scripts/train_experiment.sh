@@ -17,6 +17,9 @@
 #   SEEDS="0"  STEPS=<preset>  SFT_STEPS=30  EVAL_N=256  EXTRA="" (more train flags)
 #   JOBS=1 (runs trained side by side; on a 2-core CPU, JOBS=2 with one thread each halves the wall
 #   time)  THREADS=<cores / JOBS> (torch threads per run)
+#   AVG_K=0: k > 0 also scores every model by avg@k on the dev set (k samples per problem at
+#   temperature 1.0, <= 64 new tokens: the lower-variance score of docs/training/results.md)
+#   -> RUN/eval_avg{k}.json, compared as the test set dev-avg{k}
 #   FINAL=0: 1 = score the start and every finished run once more, on the task's final split
 #   (countdown-pairs: a held-out set that no recipe decision has seen) -> RUN/eval_final.json,
 #   OUT/final/results.{json,md}; run it once, after the runs of a comparison are fixed
@@ -41,6 +44,7 @@ JOBS=${JOBS:-1}
 THREADS=${THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
 EXTRA=${EXTRA:-}
 FINAL=${FINAL:-0}
+AVG_K=${AVG_K:-0}
 FINAL_N=${FINAL_N:-285}
 CODE_DIR=$("$PY" -c "import attnrhythm, os; print(os.path.dirname(os.path.dirname(attnrhythm.__file__)))")
 COMMIT=$(git -C "$CODE_DIR" rev-parse HEAD 2>/dev/null || echo unknown)
@@ -74,6 +78,17 @@ evaluate() {  # evaluate MODEL_DIR [final]: the dev set (eval.json) or the final
 }
 evaluate "$OUT/warm"
 
+evaluate_sampled() {  # evaluate_sampled MODEL_DIR: avg@AVG_K on the dev set
+  local file=$1/eval_avg$AVG_K.json
+  (( AVG_K > 0 )) && [[ ! -f $file ]] || return 0
+  echo "[$(stamp)] eval $1 (avg@$AVG_K)"
+  attnrhythm eval --model "$1" --task "$TASK" --split test --n "$EVAL_N" --samples "$AVG_K" --temperature 1.0 \
+    --max-new-tokens 64 --seed 0 --out "$file"
+}
+evaluate_sampled "$OUT/warm"
+TEST_SETS="dev=eval.json"
+(( AVG_K > 0 )) && TEST_SETS="$TEST_SETS dev-avg$AVG_K=eval_avg$AVG_K.json"
+
 train_one() {  # train_one CREDIT SEED: train from the warm start, then evaluate; output to RUN.log
   local run=$OUT/$1-s$2
   rm -rf "${run:?}"
@@ -84,6 +99,7 @@ train_one() {  # train_one CREDIT SEED: train from the warm start, then evaluate
   rm -rf "${run:?}"/checkpoint-*   # optimizer state is large; the final model is in the folder
   echo "$COMMIT" > "$run/commit.txt"
   evaluate "$run" >> "$run.log" 2>&1
+  evaluate_sampled "$run" >> "$run.log" 2>&1
   echo "[$(stamp)] finished $run"
 }
 
@@ -98,7 +114,8 @@ if [[ $FINAL == 1 ]]; then  # the final split, once, for the start and every fin
       finals+=("$run")
     done
   done
-  attnrhythm compare --start "$OUT/warm" "${finals[@]}" --test-sets dev=eval.json final=eval_final.json \
+  # shellcheck disable=SC2086
+  attnrhythm compare --start "$OUT/warm" "${finals[@]}" --test-sets $TEST_SETS final=eval_final.json \
     --out "$OUT/final"
   echo "[$(stamp)] done: $OUT/final/results.md (dev and final sets)"
   exit 0
@@ -110,7 +127,7 @@ for seed in $SEEDS; do
   for credit in $CREDITS; do
     run=$OUT/$credit-s$seed
     runs+=("$run")
-    [[ -f $run/eval.json ]] && continue
+    if [[ -f $run/eval.json ]]; then evaluate_sampled "$run"; continue; fi  # finished (a new score, if asked)
     while (( $(jobs -rp | wc -l) >= JOBS )); do wait -n || failed=1; done
     train_one "$credit" "$seed" &
   done
@@ -123,7 +140,8 @@ if (( failed )); then echo "[$(stamp)] a run failed; rerun this command to retry
 
 echo "[$(stamp)] results"
 DEVICE=$("$PY" -c "import os, platform, torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU {platform.machine()}, {os.cpu_count()} cores')")
-attnrhythm compare --start "$OUT/warm" "${runs[@]}" --out "$OUT" --device "$DEVICE" \
+# shellcheck disable=SC2086
+attnrhythm compare --start "$OUT/warm" "${runs[@]}" --test-sets $TEST_SETS --out "$OUT" --device "$DEVICE" \
   --run-command "PRESET=$PRESET TRAIN_TASK=$TRAIN_TASK CREDITS='$CREDITS' SEEDS='$SEEDS' EVAL_N=$EVAL_N ${STEPS:+STEPS=$STEPS }bash scripts/train_experiment.sh"
 attnrhythm plot "${runs[@]}" --metric reward accuracy rollout/groups_with_signal --out "$OUT/curves.png" \
   --title "$TASK, $MODEL warm start + GRPO"
