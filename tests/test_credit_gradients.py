@@ -73,3 +73,15 @@ def test_credit_rows_match_independent_recomputations(rollout):
     _, gamma, _ = shaped_advantages(trainer, output, "random")
     assert r["tokens_reweighted"] == pytest.approx(float(((gamma != 1) & valid).sum() / valid.sum()))
     assert 0 < r["tokens_reweighted"] < 1 and r["advantage_mass"] > 1  # random amplifies a share of tokens
+
+
+def test_chunked_gradient_equals_the_whole_batch_gradient(rollout):
+    """TRL's 'grpo' loss is a mean over sequences: chunks weighted by their share of the rows
+    give the whole batch's gradient."""
+    trainer, output = rollout
+    valid = output["completion_mask"].bool()
+    inputs = {**output, "advantages": output["advantages"][:, None].expand_as(valid)}
+    whole = policy_gradient(trainer, inputs, chunk=valid.size(0))
+    assert whole.norm() > 0
+    chunked = policy_gradient(trainer, inputs, chunk=3)
+    assert float((chunked - whole).norm() / whole.norm()) < 1e-5  # float32 sums in another order

@@ -73,7 +73,7 @@ def _environment(tmp: Path, **settings) -> dict:
 def _run_script(env: dict, log: Path):
     """(exit code, output, calls): each call is the fake's argv."""
     log.touch()
-    done = subprocess.run(["nice", "-n", "19", "bash", str(ROOT / "scripts" / "train_experiment.sh")],
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "train_experiment.sh")],
                           env={**env, "FAKE_LOG": str(log)}, capture_output=True, text=True, timeout=120)
     calls = [line.split(SEP)[:-1] for line in log.read_text().splitlines()]
     return done.returncode, done.stdout + done.stderr, calls

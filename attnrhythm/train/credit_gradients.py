@@ -34,13 +34,22 @@ from attnrhythm.io import option
 logger = log.get_logger(__name__)
 
 
-def policy_gradient(trainer, inputs: dict) -> torch.Tensor:
-    """The flat gradient of TRL's loss (``trainer.compute_loss``) on one rollout batch."""
+def policy_gradient(trainer, inputs: dict, chunk: int = 8) -> torch.Tensor:
+    """The flat gradient of TRL's loss (``trainer.compute_loss``) on one rollout batch, taken in
+    chunks of ``chunk`` rows weighted by their share of the rows (memory: a rollout batch of 32
+    at once needs ~12 GB on SmolLM2-135M): TRL's 'grpo' loss is a mean over sequences, so the sum
+    is the whole batch's gradient."""
     model = trainer.model
     if not hasattr(trainer, "current_gradient_accumulation_steps"):  # set by Trainer's loop, which is not running
         trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
+    rows = inputs["completion_ids"].size(0)
+    if trainer.args.loss_type != "grpo":  # other losses normalise over the batch's tokens: no chunks
+        chunk = rows
     model.zero_grad(set_to_none=True)
-    trainer.compute_loss(model, inputs).backward()
+    for start in range(0, rows, chunk):
+        part = {k: v[start:start + chunk] if torch.is_tensor(v) and v.dim() and v.size(0) == rows else v
+                for k, v in inputs.items()}
+        (trainer.compute_loss(model, part) * (part["completion_ids"].size(0) / rows)).backward()
     grad = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
                       for p in model.parameters() if p.requires_grad])
     model.zero_grad(set_to_none=True)
@@ -93,6 +102,8 @@ def rollout_batches(trainer, n: int):
     output of ``_generate_and_score_completions`` with the advantages as [B]."""
     loader = iter(trainer.get_train_dataloader())
     trainer.model.train()
+    if trainer.args.gradient_checkpointing:  # Trainer.train() would switch it on; it is not running
+        trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs)
     for _ in range(n):
         output = trainer._generate_and_score_completions(next(loader))
         output["advantages"] = output["advantages"][:, 0].contiguous()  # 'none' broadcast them over columns
