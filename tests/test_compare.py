@@ -155,20 +155,39 @@ def test_compare_refuses_bad_arguments_in_one_line(tmp_path, capsys, args, messa
     assert message in capsys.readouterr().err
 
 
+FILES = {"dev": "eval.json", "final": "eval_final.json"}
+
+
 def test_committed_results_recompute_from_the_kept_evaluations():
-    """docs/training/results.json holds the fields the README promises, and every row gives back
-    its numbers when its kept evaluation (docs/training/evals/[final/]RUN.json) is compared with
-    the kept start again."""
+    """docs/training/results.json and summary.json hold the fields the README promises, and
+    `compare` on the run folders kept in docs/training/runs/ (configs, commits, evaluations
+    without completions) gives every row and every summary back."""
     from pathlib import Path
+
+    from attnrhythm.train.compare import CompareSettings, compare
     docs = Path(__file__).resolve().parents[1] / "docs" / "training"
     rows = json.loads((docs / "results.json").read_text())
-    assert rows
+    summaries = json.loads((docs / "summary.json").read_text())
+    assert rows and summaries
     for row in rows:
         for field in ("credit", "seed", "test_set", "n_test", "pass1_start", "pass1_end", "gain", "ci_low",
                       "ci_high", "steps", "device", "command", "commit"):
             assert field in row, (row["run"], field)
-        folder = docs / "evals" / ("" if row["test_set"] == "dev" else row["test_set"])
-        start = json.loads((folder / "warm.json").read_text())
-        again = paired_gain(start, json.loads((folder / f"{row['run']}.json").read_text()))
-        for field in ("n_test", "pass1_start", "pass1_end", "gain", "ci_low", "ci_high", "wins", "losses"):
-            assert again[field] == pytest.approx(row[field]), (row["run"], row["test_set"], field)
+    test_sets = sorted({r["test_set"] for r in rows})
+    specs = [f"{t}={FILES.get(t, 'eval_' + t.split('-')[-1] + '.json')}" for t in test_sets]
+    runs = sorted(str(p) for p in (docs / "runs").iterdir() if (p / "config.yaml").exists())
+    again_rows, again_summaries = compare(CompareSettings(start=str(docs / "runs" / "warm"), runs=runs, test_sets=specs))
+    key = lambda r: (r["run"], r["test_set"])  # noqa: E731
+    again = {key(r): r for r in again_rows}
+    assert set(again) == {key(r) for r in rows}
+    for row in rows:
+        for field in ("n_test", "pass1_start", "pass1_end", "gain", "ci_low", "ci_high", "wins", "losses", "commit"):
+            assert again[key(row)][field] == pytest.approx(row[field]), (key(row), field)
+    again = {(s["credit"], s["test_set"]): s for s in json.loads(json.dumps(again_summaries))}
+    for s in summaries:
+        got = again[(s["credit"], s["test_set"])]
+        assert got["gain"] == pytest.approx(s["gain"]) and got["end_per_seed"] == pytest.approx(s["end_per_seed"])
+        assert ("versus" in got) == ("versus" in s)
+        if "versus" in s:
+            for field in ("mean", "ci_low", "ci_high", "p", "p_holm", "per_seed"):
+                assert got["versus"][field] == pytest.approx(s["versus"][field]), (s["credit"], field)

@@ -260,7 +260,7 @@ def table(rows: list[dict], summaries: list[dict], baseline: str = "none") -> st
                 continue
             n = group[0]["n_test"]
             lines += [f"### {test_set} set ({n} problems): {recipe_title(group[0]['recipe'])}", "",
-                      f"| credit | seeds | pass@1 start | mean pass@1 end | gain over start (95% CI, seeds x problems) "
+                      f"| credit | seeds | start | mean end | gain over start (95% CI, seeds x problems) "
                       f"| seeds above start | end minus `{baseline}`'s, same seed, per seed | minus `{baseline}` "
                       "(95% CI, seeds x problems) | seeds better / worse | p (Holm) | verdict |",
                       "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -268,12 +268,12 @@ def table(rows: list[dict], summaries: list[dict], baseline: str = "none") -> st
                 v = s.get("versus")
                 lines.append(
                     f"| {s['credit']} | {len(s['seeds'])} | {100 * s['pass1_start']:.1f}% | {100 * s['pass1_end']:.1f}% "
-                    f"| {_ci(s['gain'])} | {s['seeds_above_start']} of {len(s['seeds'])} "
+                    f"| {_ci(s['gain'])}, {verdict(s['gain'])} | {s['seeds_above_start']} of {len(s['seeds'])} "
                     + (f"| {'; '.join(_pts(x) for x in v['per_seed'])} | {_ci(v)} | {v['seeds_better']} / {v['seeds_worse']} "
                        f"| {v['p_holm']:.3f} | {verdict(v)} |" if v else "|  |  |  |  |  |"))
             lines += ["", f"Per run ({test_set} set): gain over the start and end minus `{baseline}`'s end with the "
                       "same seed, 95% bootstrap over problems (the run is one fixed model).", "",
-                      "| run | pass@1 end | gain over start | wins / losses | minus `" + baseline + "`, same seed | commit |",
+                      "| run | end | gain over start | wins / losses | minus `" + baseline + "`, same seed | commit |",
                       "|---|---|---|---|---|---|"]
             for r in rows:
                 if r["test_set"] != test_set or json.dumps({f: r.get(f) for f in RECIPE_FIELDS}, sort_keys=True) != recipe:
@@ -283,7 +283,8 @@ def table(rows: list[dict], summaries: list[dict], baseline: str = "none") -> st
                 lines.append(f"| {r['run']} | {100 * r['pass1_end']:.1f}% | {_ci(r, 'gain')} | {r['wins']} / {r['losses']} "
                              f"| {versus} | {r['commit'][:10]} |")
             lines.append("")
-    lines.append("pass@1 is greedy. The credit lines resample seeds and, within them, problems (two-level "
+    lines.append("Scores: greedy pass@1 on a set named dev or final; avg@k (mean accuracy of k samples at "
+                 "temperature 1.0) on a set named dev-avgk. The credit lines resample seeds and, within them, problems (two-level "
                  "bootstrap, 10,000 resamples); p is the two-sided bootstrap p-value, Holm-corrected over the "
                  "credits of one test set; a verdict is 'higher' or 'lower' only when the whole interval is.")
     return "\n".join(lines) + "\n"

@@ -1,0 +1,55 @@
+"""Copy a training comparison into docs/ so that every number recomputes from files there.
+
+    python scripts/publish_training.py runs/r1 docs/training/runs
+
+For the start (`warm`) and every run folder of RUNS (one with config.yaml): its config.yaml and
+commit.txt, and each evaluation (eval.json, eval_avg*.json, eval_final.json) without the model's
+completions (what `attnrhythm compare` reads: each problem and its scores).  Then
+
+    attnrhythm compare --start docs/training/runs/warm docs/training/runs/none-s* ... \\
+        --test-sets dev=eval.json dev-avg4=eval_avg4.json --out docs/training
+
+gives back results.json and summary.json.  Files are written atomically; a destination file that
+exists is replaced only when it came from the same source name (this script owns DEST).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import sys
+
+from attnrhythm import io
+
+KEEP = ("config.yaml", "commit.txt")
+
+
+def publish(runs: str, dest: str) -> list[str]:
+    written = []
+    for folder in sorted(glob.glob(os.path.join(runs, "*"))):
+        name = os.path.basename(folder)
+        if not os.path.isdir(folder) or not (name == "warm" or os.path.exists(os.path.join(folder, "config.yaml"))):
+            continue
+        out = os.path.join(dest, name)
+        os.makedirs(out, exist_ok=True)
+        for file in KEEP:
+            if os.path.exists(os.path.join(folder, file)):
+                shutil.copyfile(os.path.join(folder, file), os.path.join(out, file))
+                written.append(os.path.join(out, file))
+        for path in sorted(glob.glob(os.path.join(folder, "eval*.json"))):
+            with open(path, encoding="utf-8") as f:
+                evaluation = json.load(f)
+            evaluation["problems"] = [{k: v for k, v in p.items() if k != "completions"}
+                                      for p in evaluation["problems"]]
+            target = os.path.join(out, os.path.basename(path))
+            io.write_json(target, evaluation)
+            written.append(target)
+    return written
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: python scripts/publish_training.py RUNS_DIR DEST_DIR")
+    for path in publish(sys.argv[1], sys.argv[2]):
+        print(path)
