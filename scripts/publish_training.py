@@ -9,8 +9,8 @@ completions (what `attnrhythm compare` reads: each problem and its scores).  The
     attnrhythm compare --start docs/training/runs/warm docs/training/runs/none-s* ... \\
         --test-sets dev=eval.json dev-avg4=eval_avg4.json --out docs/training
 
-gives back results.json and summary.json.  Files are written atomically; a destination file that
-exists is replaced only when it came from the same source name (this script owns DEST).
+gives back results.json and summary.json.  Evaluations are written atomically; DEST holds only
+what this script copies, and a rerun replaces those files with the runs' current ones.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -102,6 +102,7 @@ class Run:
     path: str
     config: dict
     commit: str
+    _evaluations: dict = field(default_factory=dict, repr=False)
 
     @property
     def name(self) -> str:
@@ -112,10 +113,13 @@ class Run:
         return tuple(self.config.get(f) for f in RECIPE_FIELDS)
 
     def evaluation(self, file: str) -> dict:
-        path = os.path.join(self.path, file)
-        if not os.path.exists(path):
-            raise MissingInput(f"{self.path} has no {file}: evaluate it (`attnrhythm eval --out {path}`) first")
-        return read_evaluation(path)
+        """The run's evaluation ``file``, read once (rows, summaries and pairings all use it)."""
+        if file not in self._evaluations:
+            path = os.path.join(self.path, file)
+            if not os.path.exists(path):
+                raise MissingInput(f"{self.path} has no {file}: evaluate it (`attnrhythm eval --out {path}`) first")
+            self._evaluations[file] = read_evaluation(path)
+        return self._evaluations[file]
 
 
 def read_evaluation(path: str) -> dict:
@@ -213,13 +217,14 @@ def credit_summaries(runs: list[Run], start: dict, file: str, test_set: str, bas
                                  **two_level(diffs), "seeds_better": int((per_seed > 0).sum()),
                                  "seeds_worse": int((per_seed < 0).sum())}
         summaries.append(summary)
-    for key in ("gain", "versus"):  # Holm over the family of one test set and recipe
-        for recipe in {json.dumps(s["recipe"], sort_keys=True) for s in summaries}:
-            family = {s["credit"]: s[key]["p"] for s in summaries
-                      if key in s and json.dumps(s["recipe"], sort_keys=True) == recipe}
-            for s in summaries:
-                if s["credit"] in family and json.dumps(s["recipe"], sort_keys=True) == recipe:
-                    s[key]["p_holm"] = holm(family)[s["credit"]]
+    for key in ("gain", "versus"):  # Holm over the credits of one recipe (on this test set)
+        families: dict[str, dict[str, dict]] = {}
+        for s in summaries:
+            if key in s:
+                families.setdefault(json.dumps(s["recipe"], sort_keys=True), {})[s["credit"]] = s[key]
+        for family in families.values():
+            for credit, adjusted in holm({c: stat["p"] for c, stat in family.items()}).items():
+                family[credit]["p_holm"] = adjusted
     return summaries
 
 

@@ -111,7 +111,7 @@ def rollout_batches(trainer, n: int):
 
 
 def mean_rows(batches: list[list[dict]]) -> list[dict]:
-    """Per credit, the mean of each number over the batches (NaN-free batches only)."""
+    """Per credit, the mean of each number over the batches (a NaN in one batch makes the mean NaN)."""
     out = []
     for rows in zip(*batches):
         keys = [k for k in rows[0] if k != "credit"]
