@@ -27,7 +27,7 @@ from attnrhythm.tasks import (
 from attnrhythm.data import gsm8k_gold
 from attnrhythm.tasks.choice import choice_prompt, extract_choice_letter, load_choice_jsonl
 from attnrhythm.errors import UserError
-from attnrhythm.tasks.countdown import EASY
+from attnrhythm.tasks.countdown import EASY, split_of
 from attnrhythm.tasks.safe_eval import InvalidExpression, evaluate, numbers_in, try_evaluate
 
 MEGABYTE = "x" * 1_000_000
@@ -163,6 +163,27 @@ def test_pairs_setting_holds_the_held_out_set_it_is_evaluated_on():
     with pytest.raises(UserError, match="could only generate 298 of 400"):
         task.load("test", 400, 0)
     assert get_task("countdown-pairs-dense").score("<answer>1 + 2</answer>", dict(numbers=[1, 2], target=4)) > 0.1
+
+
+def test_worked_setting_keeps_test_and_final_apart_from_train():
+    """countdown-worked: EASY's instances, a held-out final split disjoint from train and test,
+    a test (dev) split that is countdown-easy's, and a generator that never sees the warm start's
+    completion key (loading would raise on an unknown argument)."""
+    task = get_task("countdown-worked")
+    assert task.splits == ("train", "test", "final") and get_task("countdown-worked-dense").splits == task.splits
+    rows = {"train": task.load("train", 1500, 1234), "test": task.load("test", 256, 0), "final": task.load("final", 256, 0)}
+    keys = {split: {(tuple(sorted(r["numbers"])), r["target"]) for r in found} for split, found in rows.items()}
+    assert all(len(keys[split]) == len(rows[split]) for split in rows)
+    assert not keys["train"] & keys["test"] and not keys["train"] & keys["final"] and not keys["test"] & keys["final"]
+    for split, found in rows.items():
+        for row in found:
+            assert len(row["numbers"]) == 3 and max(row["numbers"]) <= 20 and 1 <= row["target"] <= 100
+            assert split_of(row["numbers"], row["target"], 0.1) == split
+    assert rows["test"] == get_task("countdown-easy").load("test", 256, 0)
+    # the final instances are train instances of countdown-easy (no final split there): new to this task only
+    assert all(split_of(r["numbers"], r["target"]) == "train" for r in rows["final"])
+    with pytest.raises(UserError, match="split must be one of train, test"):
+        get_task("countdown-easy").load("final", 1, 0)
 
 
 def test_solver():

@@ -212,8 +212,8 @@ def test_incomplete_checkpoint_is_set_aside_and_never_chosen(tmp_path):
 def test_sft_warmup_calls_warm_start(env, tmp_path, monkeypatch):
     calls = {}
 
-    def fake_warm_start(model, tokenizer, rows, steps, lr, seed):
-        calls.update(steps=steps, n=len(rows), lr=lr, seed=seed)
+    def fake_warm_start(model, tokenizer, rows, steps, lr, seed, task):
+        calls.update(steps=steps, n=len(rows), lr=lr, seed=seed, task=task)
         return {"losses": [1.0], "n_examples": len(rows), "seconds": 0.0}
 
     import attnrhythm.train.sft as sft
@@ -221,5 +221,5 @@ def test_sft_warmup_calls_warm_start(env, tmp_path, monkeypatch):
     config = TrainConfig(model=env["model"], task="countdown-easy", out=str(tmp_path), device="cpu", train_size=16,
                          sft_warmup_steps=3, num_generations=2, per_device_batch=2, steps_per_generation=2)
     train_run.build_trainer(config)
-    assert calls == {"steps": 3, "n": 16, "lr": 5e-5, "seed": 0}
+    assert calls == {"steps": 3, "n": 16, "lr": 5e-5, "seed": 0, "task": "countdown-easy"}  # the task picks the targets
     assert json.loads((tmp_path / "sft_warmup.json").read_text())["final_loss"] == 1.0

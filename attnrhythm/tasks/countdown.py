@@ -38,8 +38,23 @@ start solves part of it, so most GRPO groups carry a signal (docs/training/resul
 instance space (~3,000) is small, so a tenth of it (hash bucket [0.1, 0.2), taken from train) is
 the ``final`` split: a test set that no decision about the recipe has looked at; the ``test``
 split is the dev set (docs/training/results.md)."""
-VARIANTS = {"countdown": {}, "countdown-easy": EASY, "countdown-pairs": PAIRS}
-"""Every generated Countdown variant by task name; "-dense" on any of them adds nearness credit."""
+COMPLETION_KEY = "completion"
+"""The VARIANTS key that is not a ``generate_countdown`` argument: the warm start's target style."""
+WORKED = {**EASY, "final_fraction": 0.1, COMPLETION_KEY: "worked"}
+"""**Decision** (task option "countdown-worked"): EASY's instances (3 numbers up to 20, targets
+1..100) with a held-out final split as PAIRS has, and a warm start that writes a short search
+before the solution (``completion``: ``train.sft.worked_completion``).  Why: countdown-pairs
+responses average ~36 tokens, so with the FAI horizon [10, 100] (docs/method.md section 3) the
+last 10 tokens, where the answer sits, can never be anchors and rhythm credit has almost nothing to
+redistribute.  The worked warm start writes three failed attempts with honest verdicts before the
+solution, 124-166 tokens (median 146; ``train.sft.WORKED_ATTEMPTS``), so the horizon covers the
+reasoning; RL still scores only the last ``<answer>`` block.  Its ``test`` split (the dev set) is
+countdown-easy's, instance for instance (same generator and hash); its ``final`` split (hash
+bucket [0.1, 0.2)) is new."""
+VARIANTS = {"countdown": {}, "countdown-easy": EASY, "countdown-pairs": PAIRS, "countdown-worked": WORKED}
+"""Every generated Countdown variant by task name; "-dense" on any of them adds nearness credit.
+Each entry holds ``generate_countdown`` arguments, plus optionally ``completion``: how the warm
+start (``train.sft``) writes its targets ("solution" when absent)."""
 MAX_SOLVER_NUMBERS = 6
 
 _ANSWER_OPEN, _ANSWER_CLOSE = "<answer>", "</answer>"
@@ -275,7 +290,7 @@ def score_countdown(completion: str, numbers: Sequence[int], target: int) -> flo
 def countdown_task(name: str, template: str, path: str | None = None) -> Task:
     """The generated Countdown task ``name`` (a VARIANTS name, "-dense" for nearness credit)."""
     variant = name.removesuffix("-dense")
-    settings = VARIANTS[variant]
+    settings = {k: v for k, v in VARIANTS[variant].items() if k != COMPLETION_KEY}  # the warm start's, not ours
     verify = verify_countdown_dense if name.endswith("-dense") else verify_countdown
 
     def load(split: str, n: int | None, seed: int) -> list[dict]:
@@ -294,7 +309,9 @@ def countdown_task(name: str, template: str, path: str | None = None) -> Task:
 
 _ABOUT = {"countdown": "TinyZero's Countdown: 3 or 4 numbers, targets 10..100",
           "countdown-easy": "3 numbers up to 20, targets 1..100 (EASY)",
-          "countdown-pairs": "2 numbers up to 50, one operation; a held-out final split (PAIRS)"}
+          "countdown-pairs": "2 numbers up to 50, one operation; a held-out final split (PAIRS)",
+          "countdown-worked": "as countdown-easy with a held-out final split; its warm start writes a worked search "
+                              "(WORKED)"}
 TASKS = (*(TaskEntry(name, _ABOUT[name], countdown_task) for name in VARIANTS),
          *(TaskEntry(f"{name}-dense", f"{name} with partial credit for nearness", countdown_task) for name in VARIANTS))
 """Every Countdown variant, then each with "-dense" (the order KNOWN_TASKS shows)."""

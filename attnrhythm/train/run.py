@@ -112,7 +112,7 @@ def _warm_start(model, tokenizer, rows, config: TrainConfig) -> None:
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     result = warm_start(model.to(device), tokenizer, rows, steps=config.sft_warmup_steps,
-                        lr=config.sft_learning_rate, seed=config.seed)
+                        lr=config.sft_learning_rate, seed=config.seed, task=config.task)
     if log.is_main_process():
         io.write_json(os.path.join(config.out, "sft_warmup.json"),
                       {k: v for k, v in result.items() if k != "losses"} | {"final_loss": result["losses"][-1]})

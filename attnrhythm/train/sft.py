@@ -8,8 +8,10 @@ dozen supervised steps on solver-written completions teach the TinyZero format
     <answer> (12 + 5) * 3 </answer><eos>
 
 (the base-style prompt already ends with the opening ``<think>``, so the target continues from
-there), which makes the RL experiment learnable at this scale.  Only train-split instances are
-accepted: the test split stays unseen.
+there), which makes the RL experiment learnable at this scale.  The variant chooses the target's
+style (``VARIANTS[...]["completion"]``): countdown-worked writes a short search first
+(:func:`worked_completion`).  Only train-split instances are accepted: the test and final splits
+stay unseen.
 
 Plain torch loop (AdamW, fixed seed, fixed data order): simple and deterministic.  Run once and
 save the folder that every RL run starts from:
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import ast
 import math
+import operator
 import os
 import random
 import shutil
@@ -35,11 +38,12 @@ from attnrhythm.errors import UserError, check_fields
 from attnrhythm.io import option
 from attnrhythm.generation import prompt_text
 from attnrhythm.tasks import get_task, solve_countdown
-from attnrhythm.tasks.countdown import VARIANTS, split_of
+from attnrhythm.tasks.countdown import COMPLETION_KEY, VARIANTS, split_of
 
 logger = log.get_logger(__name__)
 
 _OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
+_ARITHMETIC = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 
 
 # ----------------------------------------------------------------------------- targets
@@ -66,14 +70,85 @@ def _steps(expr: str) -> tuple[list[str], Fraction]:
     return steps, value
 
 
+def _solution(expr: str, target: int) -> str:
+    """The solver's ``expr`` as steps, the closing ``</think>`` and the answer block."""
+    steps, value = _steps(expr)
+    assert value == target, (expr, value, target)  # the solver is exact: a mismatch is a bug
+    return f"{', '.join(steps)}. {_fmt(value)} equals the target. </think>\n<answer> {expr} </answer>"
+
+
 def solution_completion(numbers, target: int) -> str | None:
     """The completion that follows the prompt's opening ``<think>``, or None if unsolvable."""
     expr = solve_countdown(list(numbers), target)
+    return None if expr is None else " " + _solution(expr, target)
+
+
+WORKED_ATTEMPTS = 3
+"""**Decision**: failed attempts before the solution in a worked completion (each ~30 SmolLM2
+tokens: digits are single tokens).  With 3, the completions of 500 countdown-worked train
+instances are 124 / 146 / 166 tokens with eos (min / median / max; 4 attempts: 146 / 172 /
+196; the plain solution: 43 / 49 / 57), measured by
+``python scripts/warm_start_lengths.py countdown-worked 500``: the FAI horizon [10, 100] then
+reaches the answer from the search before it."""
+
+
+def _whole_steps(x: int, y: int) -> list[tuple[str, int]]:
+    """('x op y = v', v) for every operation whose result v is a positive integer, in exact
+    Fractions: + and * in the given order, - and / in whichever order stays positive and whole."""
+    out = []
+    for op, apply in _ARITHMETIC.items():
+        for a, b in dict.fromkeys([(x, y)] if op in "+*" else [(x, y), (y, x)]):
+            value = apply(Fraction(a), Fraction(b))
+            if value > 0 and value.denominator == 1:
+                out.append((f"{a} {op} {b} = {value}", int(value)))
+    return out
+
+
+def _misses(pool: tuple[int, ...], target: int, done: tuple[str, ...] = ()) -> list[str]:
+    """Every way to combine ``pool`` pair by pair (the new value first) that never reaches
+    ``target``: 'Try a + b = v, v * c = w, too high.' (exponential: for 3 or 4 numbers)."""
+    if len(pool) == 1:
+        return [f"Try {', '.join(done)}, {'too high' if pool[0] > target else 'too low'}."] if done else []
+    out = []
+    for i in range(len(pool)):
+        for j in range(i + 1, len(pool)):
+            rest = tuple(pool[k] for k in range(len(pool)) if k not in (i, j))
+            for text, value in _whole_steps(pool[i], pool[j]):
+                if value != target:  # an attempt never passes through the target
+                    out += _misses((value, *rest), target, (*done, text))
+    return out
+
+
+def worked_completion(numbers, target: int, attempts: int = WORKED_ATTEMPTS) -> str | None:
+    """A short search, then :func:`solution_completion`'s solution; None if unsolvable.
+
+    `` Target 27 from 12, 5, 3. Try 12 * 3 = 36, 36 - 5 = 31, too high. Try 12 - 5 = 7, 7 + 3 =
+    10, too low. Try 12 - 5 = 7, 7 * 3 = 21, too low. Found: 5 * 3 = 15, 12 + 15 = 27. 27 equals
+    the target. </think>\n<answer> 12 + 5 * 3 </answer>``: ``attempts`` combinations (fewer when
+    fewer exist) that never pass through the target, every intermediate a positive integer, each
+    with its verdict.  Which ones is a seeded draw from the instance's numbers (sorted) and
+    target, so the same instance always gets the same trace, in any process.
+    """
+    expr = solve_countdown(list(numbers), target)
     if expr is None:
         return None
-    steps, value = _steps(expr)
-    assert value == target, (expr, value, target)  # the solver is exact: a mismatch is a bug
-    return f" {', '.join(steps)}. {_fmt(value)} equals the target. </think>\n<answer> {expr} </answer>"
+    misses = list(dict.fromkeys(_misses(tuple(int(x) for x in numbers), target)))
+    rng = random.Random(f"worked:{sorted(numbers)}->{target}")  # str seeds are not salted
+    tries = "".join(f" {text}" for text in rng.sample(misses, min(attempts, len(misses))))
+    return f" Target {target} from {', '.join(str(x) for x in numbers)}.{tries} Found: {_solution(expr, target)}"
+
+
+COMPLETIONS = {"solution": solution_completion, "worked": worked_completion}
+"""How a variant's warm start writes its targets (``VARIANTS[...]["completion"]``)."""
+
+
+def _variant(task: str) -> dict:
+    """The VARIANTS entry of ``task`` ("-dense" ignored: it changes the reward, not the targets)."""
+    name = task.removesuffix("-dense")
+    if name not in VARIANTS:
+        raise UserError(f"the warm start writes Countdown solutions: the task must be one of {', '.join(VARIANTS)} "
+                        f"(or one of them with -dense), not {task!r}")
+    return VARIANTS[name]
 
 
 def _check_train_split(row: dict, final_fraction: float) -> None:
@@ -84,17 +159,20 @@ def _check_train_split(row: dict, final_fraction: float) -> None:
         raise UserError(f"warm start got a {split}-split instance {row['numbers']} -> {row['target']}")
 
 
-def sft_examples(rows: list[dict], tokenizer, final_fraction: float = 0.0) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, completion ids + eos) for every solvable train row.
+def sft_examples(rows: list[dict], tokenizer, task: str = "countdown") -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids + eos) for every solvable train row of the Countdown ``task``.
 
-    Prompt and completion are tokenised separately and concatenated, exactly as RL sees them:
-    the policy continues from the prompt's token ids.  Ending in eos teaches the model to stop,
-    which keeps RL rollouts short.
+    The task's variant says how the completion is written (COMPLETIONS) and which splits are
+    refused (test, and final where it has one).  Prompt and completion are tokenised separately
+    and concatenated, exactly as RL sees them: the policy continues from the prompt's token ids.
+    Ending in eos teaches the model to stop, which keeps RL rollouts short.
     """
+    variant = _variant(task)
+    write = COMPLETIONS[variant.get(COMPLETION_KEY, "solution")]
     out = []
     for row in rows:
-        _check_train_split(row, final_fraction)
-        completion = solution_completion(row["numbers"], row["target"])
+        _check_train_split(row, variant.get("final_fraction", 0.0))
+        completion = write(row["numbers"], row["target"])
         if completion is None:
             continue
         if not isinstance(row["prompt"], str):  # chat template: the assistant turn is not pre-filled
@@ -122,9 +200,9 @@ def _batch(examples, pad_id: int, device) -> dict:
 
 
 @torch.no_grad()
-def sft_loss(model, tokenizer, rows: list[dict], batch_size: int = 8, final_fraction: float = 0.0) -> float:
+def sft_loss(model, tokenizer, rows: list[dict], batch_size: int = 8, task: str = "countdown") -> float:
     """Mean per-token completion loss on ``rows`` (for checking that the warm start learns)."""
-    examples = sft_examples(rows, tokenizer, final_fraction)
+    examples = sft_examples(rows, tokenizer, task)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -140,13 +218,13 @@ def sft_loss(model, tokenizer, rows: list[dict], batch_size: int = 8, final_frac
 
 # ----------------------------------------------------------------------------- the loop
 def warm_start(model, tokenizer, rows: list[dict], steps: int, lr: float = 1e-4, batch_size: int = 8,
-               seed: int = 0, log_every: int = 0, final_fraction: float = 0.0) -> dict:
+               seed: int = 0, log_every: int = 0, task: str = "countdown") -> dict:
     """``steps`` AdamW steps of completion-only cross-entropy on solver solutions of ``rows``.
 
     ``rows`` are Countdown task rows (``prompt``, ``numbers``, ``target``) of the train split.
     The data order is a seeded shuffle, reshuffled every epoch; the model is trained in place
-    and left in eval mode.  ``final_fraction`` is the variant's (VARIANTS): its final split is
-    refused like the test split.  Returns ``{"losses": [per step], "n_examples": int, "seconds": float}``.
+    and left in eval mode.  ``task`` (a Countdown variant) chooses the targets' style and the
+    refused splits (:func:`sft_examples`).  Returns ``{"losses": [per step], "n_examples": int, "seconds": float}``.
 
     lr 1e-4 (**Decision**): on SmolLM2-135M, batch 8, the completion loss falls from 1.77 to 0.34
     in 6 steps and to ~0.1 by step 30 (format learned, arithmetic still often wrong: room for RL);
@@ -154,7 +232,7 @@ def warm_start(model, tokenizer, rows: list[dict], steps: int, lr: float = 1e-4,
     """
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    examples = sft_examples(rows, tokenizer, final_fraction)
+    examples = sft_examples(rows, tokenizer, task)
     torch.manual_seed(seed)
     rng = random.Random(seed)
     device = next(model.parameters()).device
@@ -248,11 +326,10 @@ def run_warm_start(settings: SftSettings) -> dict:
     _check_staging(settings.out)
     model, tokenizer = models.load_model(settings.model, dtype="float32")
     rows = task.load("train", settings.n, settings.seed)
-    final_fraction = VARIANTS[settings.task].get("final_fraction", 0.0)
-    before = sft_loss(model, tokenizer, rows[:32], final_fraction=final_fraction)
+    before = sft_loss(model, tokenizer, rows[:32], task=settings.task)
     record = warm_start(model, tokenizer, rows, settings.steps, lr=settings.lr, batch_size=settings.batch_size,
-                        seed=settings.seed, log_every=10, final_fraction=final_fraction)
-    after = sft_loss(model, tokenizer, rows[:32], final_fraction=final_fraction)
+                        seed=settings.seed, log_every=10, task=settings.task)
+    after = sft_loss(model, tokenizer, rows[:32], task=settings.task)
     info = {**asdict(settings), "loss_before": before, "loss_after": after, **record}
     _save(model, tokenizer, info, settings.out)
     return info
