@@ -18,6 +18,7 @@ from attnrhythm.train.dry_run import dry_run
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_CONFIGS = sorted((ROOT / "examples" / "paper").glob("*.yaml"))
+RECIPES = sorted((ROOT / "examples" / "recipes").glob("*.yaml"))
 ZERO3 = ROOT / "examples" / "accelerate" / "zero3.yaml"
 
 # shapes as published in the models' config.json files (written to tmp folders by the tests)
@@ -228,6 +229,19 @@ def test_paper_configs_pass_the_dry_run(path, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "8")  # as under torchrun: the same arithmetic without the yaml
     assert train_main("--config", str(path), "--dry-run") == 0
     assert "32 x 16 steps_per_generation = 512 completions" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipes_pass_the_dry_run_on_the_cpu_preset(path, tmp_path, monkeypatch, capsys):
+    """Every examples/recipes file loads on top of `--preset cpu` as its comment says."""
+    assert {p.stem for p in RECIPES} >= {"pairs-r1", "worked-r1"}
+    monkeypatch.chdir(tmp_path)
+    assert train_main("--config", str(path), "--preset", "cpu", "--dry-run") == 0
+    out = capsys.readouterr().out
+    recipe = yaml.safe_load(path.read_text())
+    assert f"task         {recipe['task']} (template base)" in out and "preset       cpu" in out
+    assert f"max_completion_length {recipe['max_completion_length']}" in out and "error:" not in out
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_dry_run_checks_the_model_shape_and_writes_nothing(tmp_path, monkeypatch, capsys):

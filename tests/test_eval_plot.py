@@ -1,18 +1,25 @@
 """Warm start, evaluation and plotting: running_peak against a hand loop, a PNG from two fake
-runs, evaluate() on a tiny random Llama (SmolLM2 tokenizer) with a hand-made task, and a warm
-start whose loss must fall."""
+runs, evaluate() on a tiny random Llama (SmolLM2 tokenizer) with a hand-made task, a warm start
+whose loss must fall, and countdown-worked's worked completions replayed in Fractions."""
 import json
 import math
 import os
+import re
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
 
 import pytest
 import torch
 
 from attnrhythm.train.plot import plot_runs, running_peak
-from attnrhythm.tasks import Task, get_task, score_countdown
+from attnrhythm.errors import UserError
+from attnrhythm.tasks import Task, get_task, score_countdown, solve_countdown, verify_countdown
 from attnrhythm.tasks.countdown import split_of
 from attnrhythm.train.evaluate import evaluate, summarize
-from attnrhythm.train.sft import solution_completion, sft_examples, sft_loss, warm_start
+from attnrhythm.train.sft import (WORKED_ATTEMPTS, solution_completion, sft_examples, sft_loss, warm_start,
+                                  worked_completion)
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -170,3 +177,103 @@ def test_warm_start_reduces_loss(smol_tokenizer):
     twin = tiny_smol_llama(smol_tokenizer, seed=1)
     log2 = warm_start(twin, smol_tokenizer, rows, steps=12, lr=1e-2, batch_size=2, seed=0)
     assert log2["losses"] == pytest.approx(log["losses"], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- worked warm start (countdown-worked)
+_HEAD = re.compile(r" Target (\d{1,3}) from (\d{1,2}), (\d{1,2}), (\d{1,2})\.")
+_NUMBER = r"-?\d{1,12}(?:/\d{1,12})?"
+_STEP = re.compile(rf"({_NUMBER}) ([-+*/]) ({_NUMBER}) = ({_NUMBER})")
+
+
+def _replay(steps_text: str, numbers) -> list[Fraction]:
+    """Recompute 'a op b = c, ...' in Fractions, each operand taken from the pool of unused numbers
+    and earlier results (so every given number is used exactly once); the values, in order."""
+    pool, values = [Fraction(x) for x in numbers], []
+    for step in steps_text.split(", "):
+        m = _STEP.fullmatch(step)
+        assert m, step
+        a, op, b, c = Fraction(m[1]), m[2], Fraction(m[3]), Fraction(m[4])
+        pool.remove(a)
+        pool.remove(b)  # ValueError: an operand that is not available
+        assert c == (a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else a / b), step
+        pool.append(c)
+        values.append(c)
+    assert len(pool) == 1, steps_text  # every number used
+    return values
+
+
+def _worked_rows(n=120):
+    return [(row["numbers"], row["target"]) for row in get_task("countdown-worked").load("train", n, 5)]
+
+
+def test_worked_trace_is_true_arithmetic_that_misses_then_solves():
+    patterns = set()
+    for numbers, target in _worked_rows():
+        text = worked_completion(numbers, target)
+        head = _HEAD.match(text)
+        assert head and [int(x) for x in head.groups()] == [target, *numbers], text
+        search, solution = text[head.end():].split(" Found: ")
+        tries = search.split(" Try ")
+        assert tries[0] == "" and len(tries) - 1 == WORKED_ATTEMPTS and len(set(tries)) == len(tries)
+        for attempt in tries[1:]:
+            steps_text, verdict = attempt.rsplit(", ", 1)
+            values = _replay(steps_text, numbers)
+            assert all(v > 0 and v.denominator == 1 and v != target for v in values), attempt
+            assert verdict == ("too high." if values[-1] > target else "too low."), attempt
+        patterns.add(tuple(re.findall(r" ([-+*/]) ", search)))
+        steps_text, rest = solution.split(f". {target} equals the target. </think>\n<answer> ")
+        assert _replay(steps_text, numbers)[-1] == target
+        assert rest == f"{solve_countdown(numbers, target)} </answer>"
+        assert verify_countdown(text, numbers, target) == 1.0 and verify_countdown("<think>" + text, numbers, target) == 1.0
+    assert len(patterns) > 20  # which attempts are drawn differs from instance to instance
+
+
+def test_worked_trace_is_the_same_in_another_process():
+    rows = _worked_rows(20)
+    code = ("import json, sys; from attnrhythm.train.sft import worked_completion; "
+            "print(json.dumps([worked_completion(n, t) for n, t in json.loads(sys.argv[1])]))")
+    env = dict(os.environ, PYTHONHASHSEED="97531")  # a salted hash() would change the draw
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(rows)], env=env, capture_output=True, text=True,
+                         check=True, timeout=300).stdout
+    assert json.loads(out) == [worked_completion(n, t) for n, t in rows]
+    assert worked_completion([3, 3, 8], 24) is None  # unsolvable: no target at all
+
+
+def test_warm_start_targets_follow_the_variant(smol_tokenizer):
+    eos = smol_tokenizer.eos_token_id
+    for task, write in (("countdown-easy", solution_completion), ("countdown-pairs-dense", solution_completion),
+                        ("countdown-worked", worked_completion), ("countdown-worked-dense", worked_completion)):
+        rows = get_task(task).load("train", 4, 2)
+        expected = [smol_tokenizer(write(r["numbers"], r["target"]), add_special_tokens=False)["input_ids"] + [eos]
+                    for r in rows]
+        assert [c for _, c in sft_examples(rows, smol_tokenizer, task)] == expected, task
+    # the plain solution keeps its form: the solver's steps, then the answer
+    assert solution_completion([12, 5, 3], 51) == (" 12 + 5 = 17, 3 * 17 = 51. 51 equals the target. </think>\n"
+                                                   "<answer> 3 * (12 + 5) </answer>")
+    for row in get_task("countdown-pairs").load("train", 30, 0):
+        expr, target = solve_countdown(row["numbers"], row["target"]), row["target"]
+        assert solution_completion(row["numbers"], target) == (f" {expr} = {target}. {target} equals the target. "
+                                                               f"</think>\n<answer> {expr} </answer>")
+
+
+def test_worked_recipe_leaves_room_for_the_worked_completions(smol_tokenizer):
+    """examples/recipes/worked-r1.yaml: its max_completion_length holds every warm-start completion
+    (eos included) of 300 countdown-worked train rows, which run past 100 tokens (issue 15)."""
+    import yaml
+
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "examples/recipes/worked-r1.yaml").read_text())
+    assert recipe["task"] == "countdown-worked"
+    rows = get_task("countdown-worked").load("train", 300, 1234)
+    lengths = [len(c) for _, c in sft_examples(rows, smol_tokenizer, "countdown-worked")]
+    assert 100 < min(lengths) and max(lengths) < recipe["max_completion_length"], (min(lengths), max(lengths))
+
+
+def test_worked_warm_start_refuses_test_and_final_rows(smol_tokenizer):
+    task = get_task("countdown-worked")
+    for split in ("test", "final"):
+        with pytest.raises(UserError, match=f"{split}-split"):
+            sft_examples(task.load(split, 2, 0), smol_tokenizer, "countdown-worked")
+    # countdown-easy has no final split: there the same instances are train rows
+    assert len(sft_examples(task.load("final", 2, 0), smol_tokenizer, "countdown-easy")) == 2
+    with pytest.raises(UserError, match="must be one of countdown, countdown-easy"):
+        sft_examples(task.load("train", 2, 0), smol_tokenizer, "gsm8k")
