@@ -224,7 +224,7 @@ def test_worked_trace_is_true_arithmetic_that_misses_then_solves():
         steps_text, rest = solution.split(f". {target} equals the target. </think>\n<answer> ")
         assert _replay(steps_text, numbers)[-1] == target
         assert rest == f"{solve_countdown(numbers, target)} </answer>"
-        assert verify_countdown(text, numbers, target) == 1.0 and verify_countdown("<think>" + text, numbers, target) == 1.0
+        assert verify_countdown("<think>" + text, numbers, target) == 1.0  # the prompt's <think>, then the target
     assert len(patterns) > 20  # which attempts are drawn differs from instance to instance
 
 
