@@ -15,10 +15,12 @@
 #   TRAIN_TASK=$TASK (GRPO; e.g. countdown-easy-dense)
 #   MODEL=smollm2-135m  CREDITS="none random entropy local global coupled"
 #   SEEDS="0"  STEPS=<preset>  SFT_STEPS=30  EVAL_N=256  EXTRA="" (more train flags)
+#   EVAL_TOKENS=128, AVG_TOKENS=64 (new tokens of the greedy and the avg@k evaluation; 192 both
+#   for countdown-worked, whose worked solutions run up to 166 tokens)
 #   JOBS=1 (runs trained side by side; on a 2-core CPU, JOBS=2 with one thread each halves the wall
 #   time)  THREADS=<cores / JOBS> (torch threads per run)
 #   AVG_K=0: k > 0 also scores every model by avg@k on the dev set (k samples per problem at
-#   temperature 1.0, <= 64 new tokens: the lower-variance score of docs/training/results.md)
+#   temperature 1.0, <= AVG_TOKENS new tokens: the lower-variance score of docs/training/results.md)
 #   -> RUN/eval_avg{k}.json, compared as the test set dev-avg{k}
 #   FINAL=0: 1 = score the start and every finished run once more, on the task's final split
 #   (countdown-pairs: a held-out set that no recipe decision has seen) -> RUN/eval_final.json,
@@ -46,6 +48,11 @@ EXTRA=${EXTRA:-}
 FINAL=${FINAL:-0}
 AVG_K=${AVG_K:-0}
 FINAL_N=${FINAL_N:-285}
+# countdown-worked's warm-start completions run 124-166 tokens (scripts/warm_start_lengths.py): a
+# shorter budget would cut the answer off and score it 0
+case $TASK in countdown-worked*) TOKENS_DEFAULT=192 AVG_TOKENS_DEFAULT=192 ;; *) TOKENS_DEFAULT=128 AVG_TOKENS_DEFAULT=64 ;; esac
+EVAL_TOKENS=${EVAL_TOKENS:-$TOKENS_DEFAULT}
+AVG_TOKENS=${AVG_TOKENS:-$AVG_TOKENS_DEFAULT}
 CODE_DIR=$("$PY" -c "import attnrhythm, os; print(os.path.dirname(os.path.dirname(attnrhythm.__file__)))")
 COMMIT=$(git -C "$CODE_DIR" rev-parse HEAD 2>/dev/null || echo unknown)
 if [[ $COMMIT != unknown ]] && [[ -n $(git -C "$CODE_DIR" status --porcelain -- attnrhythm 2>/dev/null) ]]; then
@@ -73,7 +80,7 @@ evaluate() {  # evaluate MODEL_DIR [final]: the dev set (eval.json) or the final
   if [[ ${2:-} == final ]]; then file=$1/eval_final.json split=final n=$FINAL_N; fi
   [[ -f $file ]] && return
   echo "[$(stamp)] eval $1 ($split)"
-  attnrhythm eval --model "$1" --task "$TASK" --split "$split" --n "$n" --samples 1 --max-new-tokens 128 --seed 0 \
+  attnrhythm eval --model "$1" --task "$TASK" --split "$split" --n "$n" --samples 1 --max-new-tokens "$EVAL_TOKENS" --seed 0 \
     --out "$file"  # written atomically: a killed eval leaves no eval file
 }
 evaluate "$OUT/warm"
@@ -83,7 +90,7 @@ evaluate_sampled() {  # evaluate_sampled MODEL_DIR: avg@AVG_K on the dev set
   (( AVG_K > 0 )) && [[ ! -f $file ]] || return 0
   echo "[$(stamp)] eval $1 (avg@$AVG_K)"
   attnrhythm eval --model "$1" --task "$TASK" --split test --n "$EVAL_N" --samples "$AVG_K" --temperature 1.0 \
-    --max-new-tokens 64 --seed 0 --out "$file"
+    --max-new-tokens "$AVG_TOKENS" --seed 0 --out "$file"
 }
 evaluate_sampled "$OUT/warm"
 TEST_SETS="dev=eval.json"

@@ -216,3 +216,17 @@ def test_a_run_that_fails_while_a_finished_run_is_scored_is_not_missed(tmp_path)
     assert _option(_of(calls, "eval")[0], "--out") == str(out / "random-s0" / "eval_avg4.json")
     assert _option(_of(calls, "train")[0], "--out") == str(out / "none-s0")
     assert "rerun this command to retry it" in output
+
+
+@pytest.mark.parametrize("task, greedy_tokens, sampled_tokens", [("countdown-pairs", "128", "64"),
+                                                                  ("countdown-worked", "192", "192")])
+def test_evaluation_token_budget_follows_the_task(tmp_path, task, greedy_tokens, sampled_tokens):
+    """countdown-worked's warm-start completions run up to 166 tokens: the default budgets of the
+    short tasks would cut their answers off and score them 0."""
+    env = _environment(tmp_path, TASK=task, CREDITS="none", SEEDS="0", JOBS="1")
+    code, output, calls = _run_script(env, tmp_path / "calls.log")
+    assert code == 0, output
+    evals = _of(calls, "eval")
+    assert evals and all(_option(c, "--task") == task for c in evals)
+    assert {_option(c, "--max-new-tokens") for c in evals if _option(c, "--samples") == "1"} == {greedy_tokens}
+    assert {_option(c, "--max-new-tokens") for c in evals if _option(c, "--samples") == "4"} == {sampled_tokens}
