@@ -138,6 +138,11 @@ def test_compare_pairs_seeds_with_plain_grpo_and_scores_both_test_sets(tmp_path)
     assert "### dev set (40 problems)" in table and "### final set (40 problems)" in table
     line = next(x for x in table.splitlines() if x.startswith("| coupled | 3 |"))
     assert f"{100 * v['mean']:+.1f} [{100 * v['ci_low']:+.1f}, {100 * v['ci_high']:+.1f}]" in line
+    words = "higher" if v["ci_low"] > 0 else "lower" if v["ci_high"] < 0 else "inconclusive"
+    assert line.endswith(f"| {words} |")
+    # random has two seeds: an interval over two fixed models gets no verdict, whatever it says
+    line = next(x for x in table.splitlines() if x.startswith("| random | 2 |"))
+    assert line.endswith("| not judged (2 seeds) |") and ", not judged (2 seeds) |" in line
 
 
 @pytest.mark.parametrize("args, message", [

@@ -228,8 +228,17 @@ def credit_summaries(runs: list[Run], start: dict, file: str, test_set: str, bas
     return summaries
 
 
-def verdict(stat: dict) -> str:
-    """Words for a two-level interval: a difference whose interval touches 0 is inconclusive."""
+MIN_SEEDS = 3
+"""**Decision**: a credit line gets a verdict only with at least this many seeds.  With fewer, its
+interval resamples problems of one or two fixed models and cannot see the seed-to-seed spread
+that reversed the earlier recipe's gain (docs/training/results.md)."""
+
+
+def verdict(stat: dict, n_seeds: int) -> str:
+    """Words for a two-level interval over ``n_seeds`` seeds: a difference whose interval touches 0
+    is inconclusive; fewer than MIN_SEEDS seeds are not judged, whatever the interval."""
+    if n_seeds < MIN_SEEDS:
+        return f"not judged ({n_seeds} seed{'s' if n_seeds > 1 else ''})"
     if stat["ci_low"] > 0:
         return "higher"
     if stat["ci_high"] < 0:
@@ -273,9 +282,9 @@ def table(rows: list[dict], summaries: list[dict], baseline: str = "none") -> st
                 v = s.get("versus")
                 lines.append(
                     f"| {s['credit']} | {len(s['seeds'])} | {100 * s['pass1_start']:.1f}% | {100 * s['pass1_end']:.1f}% "
-                    f"| {_ci(s['gain'])}, {verdict(s['gain'])} | {s['seeds_above_start']} of {len(s['seeds'])} "
+                    f"| {_ci(s['gain'])}, {verdict(s['gain'], len(s['seeds']))} | {s['seeds_above_start']} of {len(s['seeds'])} "
                     + (f"| {'; '.join(_pts(x) for x in v['per_seed'])} | {_ci(v)} | {v['seeds_better']} / {v['seeds_worse']} "
-                       f"| {v['p_holm']:.3f} | {verdict(v)} |" if v else "|  |  |  |  |  |"))
+                       f"| {v['p_holm']:.3f} | {verdict(v, len(v['seeds']))} |" if v else "|  |  |  |  |  |"))
             lines += ["", f"Per run ({test_set} set): gain over the start and end minus `{baseline}`'s end with the "
                       "same seed, 95% bootstrap over problems (the run is one fixed model).", "",
                       "| run | end | gain over start | wins / losses | minus `" + baseline + "`, same seed | commit |",
@@ -291,7 +300,8 @@ def table(rows: list[dict], summaries: list[dict], baseline: str = "none") -> st
     lines.append("Scores: greedy pass@1 on a set named dev or final; avg@k (mean accuracy of k samples at "
                  "temperature 1.0) on a set named dev-avgk. The credit lines resample seeds and, within them, problems (two-level "
                  "bootstrap, 10,000 resamples); p is the two-sided bootstrap p-value, Holm-corrected over the "
-                 "credits of one test set; a verdict is 'higher' or 'lower' only when the whole interval is.")
+                 "credits of one test set; a verdict is 'higher' or 'lower' only when the whole interval is, and "
+                 f"is given only with {MIN_SEEDS} seeds or more.")
     return "\n".join(lines) + "\n"
 
 
