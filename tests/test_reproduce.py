@@ -185,6 +185,12 @@ def test_per_problem_files_recompute_every_table(tmp_path):
     (tmp_path / "reproduction.json").write_text(json.dumps(stored))
     errors, _ = published.check_folder(tmp_path)
     assert any("the rule gives" in e for e in errors) and any(e.startswith("sweep.top-q 0.2") for e in errors)
+    # a number published as undefined (null) while the files define it is found too
+    claim = next(iter(stored["table2"]))
+    stored["table2"][claim]["lift"] = None
+    (tmp_path / "reproduction.json").write_text(json.dumps(stored))
+    errors, _ = published.check_folder(tmp_path, sweep=False)
+    assert any(e.startswith(f"table2.{claim}.lift: recomputed") for e in errors), errors
 
 
 def test_head_overlap_and_disjoint_fai():
