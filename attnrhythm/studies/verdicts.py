@@ -252,7 +252,7 @@ def directions_by_choice(rows: list[dict], sweep: list[dict] | None, default_rul
     """Per coupling of the paper, the direction verdict under each analysis choice the
     reproduction measured: the default (``rows``' Table 2 row), every other peak rule (``sweep``
     rows), every layer range (counted rows) and, for the co-occurrence, the same with disjoint
-    head sets (choices named "disjoint sets, ...").
+    head sets (choices named "... with disjoint sets").
 
     Returns one dict per coupling: ``coupling``, ``label``, ``choices`` ({choice: direction}),
     ``holds`` (True when the direction is reproduced under every choice measured),
@@ -262,25 +262,25 @@ def directions_by_choice(rows: list[dict], sweep: list[dict] | None, default_rul
     """
     by_key = {r["key"]: r for r in rows if "key" in r}
 
-    def choices_of(coupling: str, prefix: str = "") -> dict:
+    def choices_of(coupling: str, suffix: str = "") -> dict:
         choices = {}
         if coupling in by_key:
-            choices[f"{prefix}default ({default_rule})"] = by_key[coupling]["direction"]
+            choices[f"default ({default_rule}){suffix}"] = by_key[coupling]["direction"]
         for s in sweep or []:
             if s["coupling"] == coupling and s["rule"] != default_rule:
                 paper = PAPER_TABLE2[PAPER_ROW[coupling]]["lift"]
-                choices[f"{prefix}{s['rule']}"] = verdict(s["lift_ci"], paper, n=s["n"]).direction
+                choices[f"{s['rule']}{suffix}"] = verdict(s["lift_ci"], paper, n=s["n"]).direction
         for name in RANGES:
             r = by_key.get(f"{name}/{coupling}")
             if r is not None and r.get("counted", True):
-                choices[f"{prefix}{name} third"] = r["direction"]
+                choices[f"{name} third{suffix}"] = r["direction"]
         return choices
 
     out = []
     for coupling in COUPLINGS:
         choices, missing = choices_of(coupling), []
         if coupling == PAPER_ROW[DISJOINT]:
-            choices.update(choices_of(DISJOINT, "disjoint sets, "))
+            choices.update(choices_of(DISJOINT, " with disjoint sets"))
             if DISJOINT not in by_key:
                 missing.append("disjoint head sets")
         if not choices:
