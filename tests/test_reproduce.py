@@ -14,7 +14,7 @@ import pytest
 
 from attnrhythm.core.couplings import COUPLINGS, DISJOINT, PAPER_TABLE2
 from attnrhythm.core.peak_rules import PeakRule, coupling_sweep
-from attnrhythm.studies import published
+from attnrhythm.studies import published, verdicts
 from attnrhythm.studies.figures import reproduction_figures
 from attnrhythm.studies.perturb import summarize
 from attnrhythm.studies.records import disjoint_fai, head_overlap, record_couplings, records_table
@@ -70,7 +70,8 @@ def test_claims_families_and_counting(tmp_path):
     summary = claims_summary(rows)
     assert summary.startswith("Paper's numbers (Tables 1 and 2): 5 numbers: direction reproduced in 3, inconclusive "
                               "in 1, opposite in 1; magnitude reproduced in 0, not reproduced in 4, undetermined in 1")
-    assert "Layer ranges (v2 Table 10): 10 numbers" in summary and "2 more rows repeat a number" in summary
+    assert "Layer ranges (v2 Table 10): 10 numbers" in summary
+    assert "not counted: 2 rows repeat a number counted elsewhere" in summary
     assert "Co-occurrence with disjoint head sets: 1 number: direction reproduced in 1" in summary
     result = dict(claims=rows, table2=table2, table1=table1, layer_ranges=ranges, analysis=analysis)
     assert published.check_claims(result) == []
@@ -82,6 +83,18 @@ def test_claims_families_and_counting(tmp_path):
     none_shared = dict(table2=dict(shared_max=0), bottom=dict(shared_max=0), top=dict(shared_max=2))
     keys = [r["key"] for r in claims(table2, table1, ranges, analysis, none_shared) if not r["counted"]]
     assert keys == [DISJOINT, f"bottom/{DISJOINT}", "middle/entropy_at_waad_peaks", "middle/fai_follows_waad"]
+    # a statistic no problem defines (Gemma's thirds: every head a receiver head, none left for the
+    # disjoint global set) is shown, not counted, and named as undefined rather than inconclusive
+    void = {name: dict(entry, table={**entry["table"], DISJOINT: dict(entry["table"][DISJOINT], n=0, lift=None,
+                                                                        lift_ci=[None, None])})
+            for name, entry in ranges.items()}
+    rows_void = claims(table2, table1, void, analysis)
+    assert [r["key"] for r in rows_void if r.get("paper_note") == verdicts.UNDEFINED] == \
+        [f"{name}/{DISJOINT}" for name in ranges]
+    summary = claims_summary(rows_void)
+    assert "Layer ranges (v2 Table 10): 7 numbers" in summary
+    assert "not counted: 2 rows repeat a number counted elsewhere and 3 rows are undefined" in summary
+    assert published.check_claims(dict(result, claims=rows_void, layer_ranges=void)) == []
     # the check finds a repeated number counted, a verdict off the rule, and a row counted twice
     broken = [dict(r, counted=True) for r in rows]
     broken[0] = dict(broken[0], magnitude="reproduced")

@@ -178,6 +178,15 @@ def repeats(key: str, range_layers, analysis: dict, overlap: dict) -> str | None
     return None
 
 
+UNDEFINED = "undefined: no problem has this statistic (e.g. no global head is left once the receiver heads are taken out); not counted"
+
+
+def undefined(row: dict) -> str | None:
+    """UNDEFINED when no problem defines a couplings-table row (it has no interval to judge), else
+    None: such a row is shown but not counted, rather than counted as inconclusive."""
+    return UNDEFINED if not row.get("n") else None
+
+
 def claims(table2: dict, table1: dict, ranges: dict, analysis: dict | None = None,
            overlap: dict | None = None) -> list[dict]:
     """Every claim with our value, interval, the paper's value, the verdict, its family and
@@ -203,7 +212,7 @@ def claims(table2: dict, table1: dict, ranges: dict, analysis: dict | None = Non
         rows.append(_row(key, label, "Table 1", "main", stat.get("mean", stat.get("share")), stat["ci"],
                          stat["paper"], null, "num" if key == "difference" else "pct", table1["n_compared"]))
     if DISJOINT in table2:
-        r, again = table2[DISJOINT], repeats(DISJOINT, None, analysis, overlap)
+        r, again = table2[DISJOINT], undefined(table2[DISJOINT]) or repeats(DISJOINT, None, analysis, overlap)
         rows.append(_row(DISJOINT, f"{LABELS[DISJOINT]}: observed above random (lift > 0)", "Table 2, disjoint sets",
                          "disjoint", r["lift"], r["lift_ci"], PAPER_TABLE2[PAPER_ROW[DISJOINT]]["lift"], 0.0, "signed",
                          r["n"], judge=False, counted=again is None,
@@ -214,7 +223,7 @@ def claims(table2: dict, table1: dict, ranges: dict, analysis: dict | None = Non
             r = entry.get("table", {}).get(coupling)
             if r is None:
                 continue
-            again = repeats(f"{name}/{coupling}", entry.get("layers"), analysis, overlap)
+            again = undefined(r) or repeats(f"{name}/{coupling}", entry.get("layers"), analysis, overlap)
             rows.append(_row(f"{name}/{coupling}", f"{name} third: {LABELS[coupling]}, lift > 0", "v2 Table 10",
                              "layer ranges", r["lift"], r["lift_ci"], PAPER_TABLE2[PAPER_ROW[coupling]]["lift"], 0.0,
                              "signed", r["n"], judge=False, counted=again is None,
@@ -236,14 +245,17 @@ def claims_summary(rows: list[dict]) -> str:
         counted = [r for r in mine if r.get("counted", True)]
         if not mine:
             continue
-        extra = len(mine) - len(counted)
-        rows_text = f"{extra} row{'s' if extra != 1 else ''} repeat{'s' if extra == 1 else ''} a number counted elsewhere"
+        void = sum(1 for r in mine if r.get("paper_note") == UNDEFINED)
+        extra = len(mine) - len(counted) - void
+        why = ([f"{extra} row{'s' if extra != 1 else ''} repeat{'s' if extra == 1 else ''} a number counted elsewhere"]
+               if extra else []) + ([f"{void} row{'s' if void != 1 else ''} {'are' if void != 1 else 'is'} undefined "
+                                     "(no problem has the statistic)"] if void else [])
         if not counted:
-            parts.append(f"{title}: no number of its own ({rows_text})")
+            parts.append(f"{title}: no number of its own ({' and '.join(why)})")
             continue
         text = f"{title}: {summary_line([_as_verdict(r) for r in counted], 'numbers')}"
-        if extra:
-            text += f"; {extra} more {rows_text.split(' ', 1)[1]} and {'are' if extra != 1 else 'is'} not counted"
+        if why:
+            text += f"; not counted: {' and '.join(why)}"
         parts.append(text)
     return ". ".join(parts)
 
