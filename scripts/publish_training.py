@@ -1,12 +1,12 @@
 """Copy a training comparison into docs/ so that every number recomputes from files there.
 
-    python scripts/publish_training.py runs/r1 docs/training/runs
+    python scripts/publish_training.py runs/r1 docs/training/evals
 
 For the start (`warm`) and every run folder of RUNS (one with config.yaml): its config.yaml and
 commit.txt, and each evaluation (eval.json, eval_avg*.json, eval_final.json) without the model's
 completions (what `attnrhythm compare` reads: each problem and its scores).  Then
 
-    attnrhythm compare --start docs/training/runs/warm docs/training/runs/none-s* ... \\
+    attnrhythm compare --start docs/training/evals/warm docs/training/evals/none-s* ... \\
         --test-sets dev=eval.json dev-avg4=eval_avg4.json --out docs/training
 
 gives back results.json and summary.json.  Evaluations are written atomically; DEST holds only

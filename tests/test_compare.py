@@ -116,6 +116,7 @@ def test_compare_pairs_seeds_with_plain_grpo_and_scores_both_test_sets(tmp_path)
     assert len(rows) == 2 * len(runs) and {r["test_set"] for r in rows} == {"dev", "final"}
     assert all(r["commit"] == "abc123" and r["device"] == "test box" for r in rows)
     row = next(r for r in rows if r["run"] == "coupled-s1" and r["test_set"] == "final")
+    assert row["evaluation"] == str(tmp_path / "coupled-s1" / "eval_final.json")
     twin = paired_gain(evaluation(ends[("none", 1)][1]), evaluation(ends[("coupled", 1)][1]))
     assert row["versus_gain"] == pytest.approx(twin["gain"]) and row["versus_ci_low"] == pytest.approx(twin["ci_low"])
     summaries = json.loads((out / "summary.json").read_text())
@@ -165,8 +166,9 @@ FILES = {"dev": "eval.json", "final": "eval_final.json"}
 
 def test_committed_results_recompute_from_the_kept_evaluations():
     """docs/training/results.json and summary.json hold the fields the README promises, and
-    `compare` on the run folders kept in docs/training/runs/ (configs, commits, evaluations
-    without completions) gives every row and every summary back."""
+    `compare` on the run folders kept in docs/training/evals/ (configs, commits, evaluations
+    without completions) gives every row and every summary back; each row names its per-problem
+    file there."""
     from pathlib import Path
 
     from attnrhythm.train.compare import CompareSettings, compare
@@ -176,12 +178,15 @@ def test_committed_results_recompute_from_the_kept_evaluations():
     assert rows and summaries
     for row in rows:
         for field in ("credit", "seed", "test_set", "n_test", "pass1_start", "pass1_end", "gain", "ci_low",
-                      "ci_high", "steps", "device", "command", "commit"):
+                      "ci_high", "steps", "device", "command", "commit", "evaluation"):
             assert field in row, (row["run"], field)
+        evaluation = Path(row["evaluation"])
+        assert evaluation.parts[:3] == ("docs", "training", "evals") and (docs.parents[1] / evaluation).is_file()
+        assert evaluation.parent.name == row["run"]
     test_sets = sorted({r["test_set"] for r in rows})
     specs = [f"{t}={FILES.get(t, 'eval_' + t.split('-')[-1] + '.json')}" for t in test_sets]
-    runs = sorted(str(p) for p in (docs / "runs").iterdir() if (p / "config.yaml").exists())
-    again_rows, again_summaries = compare(CompareSettings(start=str(docs / "runs" / "warm"), runs=runs, test_sets=specs))
+    runs = sorted(str(p) for p in (docs / "evals").iterdir() if (p / "config.yaml").exists())
+    again_rows, again_summaries = compare(CompareSettings(start=str(docs / "evals" / "warm"), runs=runs, test_sets=specs))
     key = lambda r: (r["run"], r["test_set"])  # noqa: E731
     again = {key(r): r for r in again_rows}
     assert set(again) == {key(r) for r in rows}

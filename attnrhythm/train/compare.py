@@ -177,7 +177,8 @@ def run_rows(runs: list[Run], start: dict, file: str, test_set: str, baseline: s
         row = {"run": run.name, "credit": run.config["credit"], "seed": run.config["seed"], "test_set": test_set,
                **{f: run.config.get(f) for f in RECIPE_FIELDS},
                **paired_gain(start, evaluations[run.path]), "steps": run.config.get("max_steps"),
-               "device": device or run.config.get("device", ""), "command": command, "commit": run.commit}
+               "device": device or run.config.get("device", ""), "command": command, "commit": run.commit,
+               "evaluation": os.path.join(run.path, file)}  # the per-problem file this row is computed from
         twin = base.get((run.recipe, run.config["seed"]))
         if twin is not None and twin is not run:
             versus = paired_gain(evaluations[twin.path], evaluations[run.path])
