@@ -2,8 +2,9 @@
 
     python scripts/publish_training.py runs/r1 docs/training/evals
 
-For the start (`warm`) and every run folder of RUNS (one with config.yaml): its config.yaml and
-commit.txt, and each evaluation (eval.json, eval_avg*.json, eval_final.json) without the model's
+For the start (`warm`) and every finished run folder of RUNS (one with config.yaml and eval.json): its config.yaml,
+commit.txt, training log (metrics.jsonl: every optimizer step's loss, reward, grad_norm, ...; the
+warm start's warm_start.json) and each evaluation (eval.json, eval_avg*.json, eval_final.json) without the model's
 completions (what `attnrhythm compare` reads: each problem and its scores).  Then
 
     attnrhythm compare --start docs/training/evals/warm docs/training/evals/none-s* ... \\
@@ -22,7 +23,7 @@ import sys
 
 from attnrhythm import io
 
-KEEP = ("config.yaml", "commit.txt")
+KEEP = ("config.yaml", "commit.txt", "metrics.jsonl", "warm_start.json")
 
 
 def publish(runs: str, dest: str) -> list[str]:
@@ -31,6 +32,8 @@ def publish(runs: str, dest: str) -> list[str]:
         name = os.path.basename(folder)
         if not os.path.isdir(folder) or not (name == "warm" or os.path.exists(os.path.join(folder, "config.yaml"))):
             continue
+        if not os.path.exists(os.path.join(folder, "eval.json")):
+            continue  # still training, or killed: train_experiment.sh writes eval.json after training ends
         out = os.path.join(dest, name)
         os.makedirs(out, exist_ok=True)
         for file in KEEP:

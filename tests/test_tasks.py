@@ -487,24 +487,3 @@ def test_analysis_counts_verifier_errors_as_eval_does(tiny_model, tokenizer, mon
     monkeypatch.setattr(analysis, "MATH_ANSWER", Task("math", lambda *a: [], broken))
     with pytest.raises(RuntimeError, match="every completion"):
         list(analysis.analyze(tiny_model, tokenizer, problems, max_new_tokens=4, batch_size=2))
-
-
-def test_pairs_operations_breakdown_counts_each_needed_operation(tmp_path):
-    """scripts/pairs_operations.py (docs/training/results.md): the operations that reach a target,
-    and per-operation solved counts from an eval file (shares of correct samples)."""
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "pairs_operations.py"
-    spec = importlib.util.spec_from_file_location("pairs_operations", path)
-    ops = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ops)
-    assert ops.operations([3, 5], 8) == "+" and ops.operations([5, 3], 2) == "-"
-    assert ops.operations([2, 2], 4) == "+*" and ops.operations([3, 12], 4) == "/" and ops.operations([3, 12], 5) == "?"
-    evaluation = {"problems": [{"numbers": [3, 5], "target": 8, "scores": [1.0, 0.1]},
-                               {"numbers": [4, 9], "target": 13, "scores": [1.0, 1.0]},
-                               {"numbers": [9, 4], "target": 5, "scores": [0.0, 0.1]}]}
-    file = tmp_path / "eval.json"
-    file.write_text(json.dumps(evaluation))
-    assert ops.breakdown(str(file)) == {"+": (1.5, 2), "-": (0.0, 1)}

@@ -1,0 +1,69 @@
+"""Tests of the scripts behind docs/training/: publishing runs, the operation breakdown, and the
+same-training check that proves a refactor changed no training result."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pairs_operations_breakdown_counts_each_needed_operation(tmp_path):
+    """scripts/pairs_operations.py (docs/training/results.md): the operations that reach a target,
+    and per-operation solved counts from an eval file (shares of correct samples)."""
+    ops = load("pairs_operations")
+    assert ops.operations([3, 5], 8) == "+" and ops.operations([5, 3], 2) == "-"
+    assert ops.operations([2, 2], 4) == "+*" and ops.operations([3, 12], 4) == "/" and ops.operations([3, 12], 5) == "?"
+    evaluation = {"problems": [{"numbers": [3, 5], "target": 8, "scores": [1.0, 0.1]},
+                               {"numbers": [4, 9], "target": 13, "scores": [1.0, 1.0]},
+                               {"numbers": [9, 4], "target": 5, "scores": [0.0, 0.1]}]}
+    file = tmp_path / "eval.json"
+    file.write_text(json.dumps(evaluation))
+    assert ops.breakdown(str(file)) == {"+": (1.5, 2), "-": (0.0, 1)}
+
+
+def steps(*losses: float, step_time: float = 1.0) -> str:
+    return "".join(json.dumps({"step": i + 1, "loss": loss, "grad_norm": 0.5, "step_time": step_time}) + "\n"
+                   for i, loss in enumerate(losses))
+
+
+def test_same_training_ignores_timing_and_finds_any_changed_value(tmp_path):
+    same = load("same_training")
+    a, b, c = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
+    a.write_text(steps(0.1, 0.2, 0.3))
+    b.write_text(steps(0.1, 0.2, step_time=9.0))          # fewer steps, other timing: the same training
+    c.write_text(steps(0.1, 0.2000001))                    # one loss differs in the 7th digit
+    assert same.differences(same.read(str(a)), same.read(str(b))) == []
+    assert same.differences(same.read(str(a)), same.read(str(c))) == ["step 2 loss: 0.2 != 0.2000001"]
+
+
+def test_publish_training_keeps_finished_runs_without_completions(tmp_path):
+    """Finished runs and the start are copied with their logs and their evaluations stripped of
+    the model's text; a run still training (no eval.json) is left out."""
+    publish = load("publish_training")
+    runs, dest = tmp_path / "runs", tmp_path / "evals"
+    evaluation = {"metrics": {"pass@1": 0.5},
+                  "problems": [{"numbers": [1, 2], "target": 3, "scores": [1.0], "completions": ["1 + 2"]}]}
+    for name, files in {"warm": ["eval.json", "warm_start.json"],
+                        "none-s0": ["config.yaml", "commit.txt", "metrics.jsonl", "eval.json", "eval_avg4.json"],
+                        "coupled-s0": ["config.yaml", "metrics.jsonl"]}.items():   # still training
+        (runs / name).mkdir(parents=True)
+        for file in files:
+            (runs / name / file).write_text(json.dumps(evaluation) if file.startswith("eval") else file)
+    (runs / "none-s0" / "model.safetensors").write_text("weights")
+    written = publish.publish(str(runs), str(dest))
+    assert sorted(Path(p).relative_to(dest).as_posix() for p in written) == [
+        "none-s0/commit.txt", "none-s0/config.yaml", "none-s0/eval.json", "none-s0/eval_avg4.json",
+        "none-s0/metrics.jsonl", "warm/eval.json", "warm/warm_start.json"]
+    kept = json.loads((dest / "none-s0" / "eval.json").read_text())
+    assert kept["problems"] == [{"numbers": [1, 2], "target": 3, "scores": [1.0]}]
+    assert kept["metrics"] == evaluation["metrics"]
+    assert not (dest / "coupled-s0").exists()
