@@ -150,7 +150,8 @@ def generate_countdown(
         seen.add(key)
         out.append(CountdownInstance(tuple(numbers), target))
     if len(out) < n:
-        raise UserError(f"could only generate {len(out)} of {n} distinct {split} instances")
+        raise UserError(f"could only generate {len(out)} of {n} distinct {split} instances: this variant's "
+                        f"{split} split is smaller; ask for {len(out)} or fewer")
     return out
 
 
