@@ -67,3 +67,14 @@ def test_publish_training_keeps_finished_runs_without_completions(tmp_path):
     assert kept["problems"] == [{"numbers": [1, 2], "target": 3, "scores": [1.0]}]
     assert kept["metrics"] == evaluation["metrics"]
     assert not (dest / "coupled-s0").exists()
+
+
+def test_results_page_tables_are_the_scripts_output():
+    """docs/training/results.md's table beside the paper's Table 3 and its operation table are
+    what the scripts print from the published files (so a refresh cannot leave one stale)."""
+    root = SCRIPTS.parent
+    page = (root / "docs" / "training" / "results.md").read_text()
+    summary = json.loads((root / "docs" / "training" / "summary.json").read_text())
+    assert load("table3").table(summary) in page
+    evals = [str(p) for p in sorted((root / "docs" / "training" / "evals").glob("*/eval.json"))]
+    assert load("pairs_operations").table(evals) in page
