@@ -139,8 +139,11 @@ def test_compare_pairs_seeds_with_plain_grpo_and_scores_both_test_sets(tmp_path)
     assert "### dev set (40 problems)" in table and "### final set (40 problems)" in table
     line = next(x for x in table.splitlines() if x.startswith("| coupled | 3 |"))
     assert f"{100 * v['mean']:+.1f} [{100 * v['ci_low']:+.1f}, {100 * v['ci_high']:+.1f}]" in line
-    words = "higher" if v["ci_low"] > 0 else "lower" if v["ci_high"] < 0 else "inconclusive"
+    words = ("inconclusive" if v["ci_low"] <= 0 <= v["ci_high"] else "inconclusive after Holm" if v["p_holm"] >= 0.05
+             else "higher" if v["ci_low"] > 0 else "lower")
     assert line.endswith(f"| {words} |")
+    credits = [x.split(" | ")[0][2:] for x in table.split("### final set")[0].splitlines() if x.startswith("| ") and " | " in x]
+    assert credits[1:4] == ["none", "random", "coupled"]  # registry order, whatever order the runs were given in
     # random has two seeds: an interval over two fixed models gets no verdict, whatever it says
     line = next(x for x in table.splitlines() if x.startswith("| random | 2 |"))
     assert line.endswith("| not judged (2 seeds) |") and ", not judged (2 seeds) |" in line
@@ -201,3 +204,15 @@ def test_committed_results_recompute_from_the_kept_evaluations():
         if "versus" in s:
             for field in ("mean", "ci_low", "ci_high", "p", "p_holm", "per_seed"):
                 assert got["versus"][field] == pytest.approx(s["versus"][field]), (s["credit"], field)
+
+
+def test_verdict_needs_the_interval_and_the_family_correction():
+    """An interval clear of 0 is one comparison; the credit table makes several, so a verdict also
+    needs the Holm-corrected p below 0.05 (R1's coupled on avg@4 with 3 seeds: [+0.1, +1.4], p_holm 0.087)."""
+    from attnrhythm.train.compare import verdict
+    clear = {"ci_low": 0.001, "ci_high": 0.014, "p": 0.04}
+    assert verdict({**clear, "p_holm": 0.087}, 3) == "inconclusive after Holm"
+    assert verdict({**clear, "p_holm": 0.04}, 3) == "higher"
+    assert verdict({"ci_low": -0.02, "ci_high": -0.01, "p": 0.01, "p_holm": 0.02}, 5) == "lower"
+    assert verdict({"ci_low": -0.001, "ci_high": 0.014, "p": 0.06, "p_holm": 0.06}, 5) == "inconclusive"
+    assert verdict({**clear, "p_holm": 0.001}, 2) == "not judged (2 seeds)"

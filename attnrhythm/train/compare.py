@@ -26,6 +26,7 @@ import numpy as np
 
 from attnrhythm import io, log
 from attnrhythm.core.bootstrap import clustered_replicates, percentile_interval, resample_indices, two_sided_p
+from attnrhythm.core.credit import CREDIT_NAMES
 from attnrhythm.errors import MissingInput, UserError
 from attnrhythm.io import option
 
@@ -235,16 +236,23 @@ interval resamples problems of one or two fixed models and cannot see the seed-t
 that reversed the earlier recipe's gain (docs/training/results.md)."""
 
 
+ALPHA = 0.05
+"""The level of the 95% intervals, and the bar for a Holm-corrected p-value."""
+
+
 def verdict(stat: dict, n_seeds: int) -> str:
     """Words for a two-level interval over ``n_seeds`` seeds: a difference whose interval touches 0
-    is inconclusive; fewer than MIN_SEEDS seeds are not judged, whatever the interval."""
+    is inconclusive; fewer than MIN_SEEDS seeds are not judged, whatever the interval.  An interval
+    clear of 0 is one comparison's evidence; the table makes one per credit, so "higher" or "lower"
+    also needs the Holm-corrected p-value below ALPHA, and says "inconclusive after Holm" when only
+    the uncorrected interval clears 0."""
     if n_seeds < MIN_SEEDS:
         return f"not judged ({n_seeds} seed{'s' if n_seeds > 1 else ''})"
-    if stat["ci_low"] > 0:
-        return "higher"
-    if stat["ci_high"] < 0:
-        return "lower"
-    return "inconclusive"
+    if stat["ci_low"] <= 0 <= stat["ci_high"]:
+        return "inconclusive"
+    if stat.get("p_holm", stat["p"]) >= ALPHA:
+        return "inconclusive after Holm"
+    return "higher" if stat["ci_low"] > 0 else "lower"
 
 
 # ----------------------------------------------------------------------------- tables
@@ -301,8 +309,9 @@ def table(rows: list[dict], summaries: list[dict], baseline: str = "none") -> st
     lines.append("Scores: greedy pass@1 on a set named dev or final; avg@k (mean accuracy of k samples at "
                  "temperature 1.0) on a set named dev-avgk. The credit lines resample seeds and, within them, problems (two-level "
                  "bootstrap, 10,000 resamples); p is the two-sided bootstrap p-value, Holm-corrected over the "
-                 "credits of one test set; a verdict is 'higher' or 'lower' only when the whole interval is, and "
-                 f"is given only with {MIN_SEEDS} seeds or more.")
+                 "credits of one test set; a verdict is 'higher' or 'lower' only when the whole interval is and the "
+                 f"Holm-corrected p is below {ALPHA:g} ('inconclusive after Holm' when only the interval clears 0), "
+                 f"and is given only with {MIN_SEEDS} seeds or more.")
     return "\n".join(lines) + "\n"
 
 
@@ -326,6 +335,12 @@ class CompareSettings:
 SETTINGS = CompareSettings
 
 
+def credit_order(run: Run) -> tuple[int, int]:
+    """Runs by credit (the registry's order: ``none`` first) and then by seed."""
+    credit = run.config["credit"]
+    return (CREDIT_NAMES.index(credit) if credit in CREDIT_NAMES else len(CREDIT_NAMES), run.config["seed"])
+
+
 def compare(settings: CompareSettings) -> tuple[list[dict], list[dict]]:
     """Rows (one per run and test set) and summaries (one per recipe, credit and test set)."""
     test_sets = parse_test_sets(settings.test_sets)
@@ -333,7 +348,7 @@ def compare(settings: CompareSettings) -> tuple[list[dict], list[dict]]:
         raise MissingInput("--start is required: the starting model's folder or evaluation file")
     if not settings.runs:
         raise UserError("give at least one run folder to compare")
-    runs = [load_run(path) for path in settings.runs]
+    runs = sorted((load_run(path) for path in settings.runs), key=credit_order)  # tables read the same in any argument order
     rows, summaries = [], []
     for test_set, file in test_sets.items():
         start = start_evaluation(settings.start, file, len(test_sets) == 1)
