@@ -69,12 +69,15 @@ def test_publish_training_keeps_finished_runs_without_completions(tmp_path):
     assert not (dest / "coupled-s0").exists()
 
 
-def test_results_page_tables_are_the_scripts_output():
-    """docs/training/results.md's table beside the paper's Table 3 and its operation table are
-    what the scripts print from the published files (so a refresh cannot leave one stale)."""
+def test_training_pages_hold_the_scripts_tables():
+    """The README's training tables, results.md's table beside the paper's Table 3 and its
+    operation table are what the scripts print from the published files (so a refresh cannot
+    leave a number stale: the evaluations, summary.json and the pages agree)."""
     root = SCRIPTS.parent
     page = (root / "docs" / "training" / "results.md").read_text()
     summary = json.loads((root / "docs" / "training" / "summary.json").read_text())
-    assert load("table3").table(summary) in page
+    tables = load("training_tables")
+    assert tables.table(summary) in page
+    assert tables.readme(summary) in (root / "README.md").read_text()
     evals = [str(p) for p in sorted((root / "docs" / "training" / "evals").glob("*/eval.json"))]
     assert load("pairs_operations").table(evals) in page

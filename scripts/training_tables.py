@@ -1,0 +1,79 @@
+"""The training tables of the README and docs/training/results.md, read from a compare summary.
+
+    python scripts/training_tables.py table3 docs/training/summary.json
+    python scripts/training_tables.py readme docs/training/summary.json
+
+``table3``: our credits beside the paper's Table 3, one row per credit in the paper's order: the
+paper's Countdown accuracy (docs/method.md, section 6), how many seeds ran, our mean end score on
+the greedy (`dev`) and avg@4 (`dev-avg4`) sets (`pass1_end`), and the mean same-seed difference
+from `none` on each (`versus.mean`).  ``readme``: plain GRPO's gain over the start on both sets,
+then each credit against `none` with the same seeds (interval and verdict as `attnrhythm compare`
+gives them).  tests/test_training_scripts.py checks that the pages hold these tables.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from attnrhythm.train.compare import verdict
+
+PAPER = [("none", "GRPO (`none`)", 52.6), ("random", "+ random credit", 55.0),
+         ("entropy", "+ high-entropy credit (`entropy`)", 57.7), ("local", "+ local-chunk credit", 59.9),
+         ("global", "+ global-anchor credit", 60.4), ("coupled", "+ coupled rhythm credit", 63.1)]
+SETS = ("dev", "dev-avg4")
+SCORES = {"dev-avg4": "avg@4 (4 samples, T = 1)", "dev": "greedy pass@1"}
+
+
+def pts(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
+def interval(stat: dict, n_seeds: int) -> str:
+    return f"{pts(stat['mean'])} [{pts(stat['ci_low'])}, {pts(stat['ci_high'])}], {verdict(stat, n_seeds)}"
+
+
+def readme(summary: list[dict]) -> str:
+    """Plain GRPO's gain over the start, then every credit minus `none` with the same seeds."""
+    rows = {(row["credit"], row["test_set"]): row for row in summary}
+    none = {s: rows[("none", s)] for s in SETS}
+    n = len(none["dev"]["seeds"])
+    lines = [f"| score on the {none['dev']['n_test']} dev problems | warm start | after GRPO (mean of {n} seeds) "
+             "| gain (95% CI, seeds x problems) | seeds above start |", "|---|---|---|---|---|"]
+    for s in ("dev-avg4", "dev"):
+        r = none[s]
+        lines.append(f"| {SCORES[s]} | {100 * r['pass1_start']:.1f}% | {100 * r['pass1_end']:.1f}% "
+                     f"| {interval(r['gain'], len(r['seeds']))} | {r['seeds_above_start']} of {len(r['seeds'])} |")
+    lines += ["", "| credit minus `none`, same seed | seeds | avg@4 (95% CI, seeds x problems) | seeds better / worse "
+              "| greedy pass@1 (95% CI) | seeds better / worse |", "|---|---|---|---|---|---|"]
+    for credit, _, _ in PAPER[1:] + [("high-entropy-selection", "", 0.0)]:
+        if (credit, "dev") not in rows:
+            continue
+        avg, greedy = rows[(credit, "dev-avg4")]["versus"], rows[(credit, "dev")]["versus"]
+        lines.append(f"| {credit} | {len(greedy['seeds'])} | {interval(avg, len(avg['seeds']))} "
+                     f"| {avg['seeds_better']} / {avg['seeds_worse']} | {interval(greedy, len(greedy['seeds']))} "
+                     f"| {greedy['seeds_better']} / {greedy['seeds_worse']} |")
+    return "\n".join(lines)
+
+
+def table(summary: list[dict]) -> str:
+    lines = ["| credit | paper | seeds run | ours, greedy | ours, avg@4 | minus `none`, same seed (greedy; avg@4) |",
+             "|---|---|---|---|---|---|"]
+    for credit, label, paper in PAPER:
+        rows = {row["test_set"]: row for row in summary if row["credit"] == credit}
+        if not rows:
+            lines.append(f"| {label} | {paper} | 0 | | | |")
+            continue
+        ends = [f"{100 * rows[s]['pass1_end']:.1f}%" if s in rows else "" for s in SETS]
+        versus = "; ".join(f"{100 * rows[s]['versus']['mean']:+.1f}" for s in SETS if "versus" in rows.get(s, {}))
+        seeds = len(next(iter(rows.values()))["seeds"])
+        lines.append(f"| {label} | {paper} | {seeds} | {ends[0]} | {ends[1]} | {versus} |")
+    return "\n".join(lines)
+
+
+TABLES = {"table3": table, "readme": readme}
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] not in TABLES:
+        sys.exit("usage: python scripts/training_tables.py {table3,readme} SUMMARY_JSON")
+    with open(sys.argv[2], encoding="utf-8") as f:
+        print(TABLES[sys.argv[1]](json.load(f)))
