@@ -15,21 +15,14 @@ from __future__ import annotations
 import json
 import sys
 
-from attnrhythm.train.compare import verdict
+from attnrhythm.core.credit import CREDIT_NAMES
+from attnrhythm.train.compare import judged, points
 
 PAPER = [("none", "GRPO (`none`)", 52.6), ("random", "+ random credit", 55.0),
          ("entropy", "+ high-entropy credit (`entropy`)", 57.7), ("local", "+ local-chunk credit", 59.9),
          ("global", "+ global-anchor credit", 60.4), ("coupled", "+ coupled rhythm credit", 63.1)]
 SETS = ("dev", "dev-avg4")
 SCORES = {"dev-avg4": "avg@4 (4 samples, T = 1)", "dev": "greedy pass@1"}
-
-
-def pts(x: float) -> str:
-    return f"{100 * x:+.1f}"
-
-
-def interval(stat: dict, n_seeds: int) -> str:
-    return f"{pts(stat['mean'])} [{pts(stat['ci_low'])}, {pts(stat['ci_high'])}], {verdict(stat, n_seeds)}"
 
 
 def readme(summary: list[dict]) -> str:
@@ -42,15 +35,15 @@ def readme(summary: list[dict]) -> str:
     for s in ("dev-avg4", "dev"):
         r = none[s]
         lines.append(f"| {SCORES[s]} | {100 * r['pass1_start']:.1f}% | {100 * r['pass1_end']:.1f}% "
-                     f"| {interval(r['gain'], len(r['seeds']))} | {r['seeds_above_start']} of {len(r['seeds'])} |")
+                     f"| {judged(r['gain'], len(r['seeds']))} | {r['seeds_above_start']} of {len(r['seeds'])} |")
     lines += ["", "| credit minus `none`, same seed | seeds | avg@4 (95% CI, seeds x problems) | seeds better / worse "
               "| greedy pass@1 (95% CI) | seeds better / worse |", "|---|---|---|---|---|---|"]
-    for credit, _, _ in PAPER[1:] + [("high-entropy-selection", "", 0.0)]:
+    for credit in CREDIT_NAMES[1:]:  # every credit but `none`, in registry order
         if (credit, "dev") not in rows:
             continue
         avg, greedy = rows[(credit, "dev-avg4")]["versus"], rows[(credit, "dev")]["versus"]
-        lines.append(f"| {credit} | {len(greedy['seeds'])} | {interval(avg, len(avg['seeds']))} "
-                     f"| {avg['seeds_better']} / {avg['seeds_worse']} | {interval(greedy, len(greedy['seeds']))} "
+        lines.append(f"| {credit} | {len(greedy['seeds'])} | {judged(avg, len(avg['seeds']))} "
+                     f"| {avg['seeds_better']} / {avg['seeds_worse']} | {judged(greedy, len(greedy['seeds']))} "
                      f"| {greedy['seeds_better']} / {greedy['seeds_worse']} |")
     return "\n".join(lines)
 
@@ -64,7 +57,7 @@ def table(summary: list[dict]) -> str:
             lines.append(f"| {label} | {paper} | 0 | | | |")
             continue
         ends = [f"{100 * rows[s]['pass1_end']:.1f}%" if s in rows else "" for s in SETS]
-        versus = "; ".join(f"{100 * rows[s]['versus']['mean']:+.1f}" for s in SETS if "versus" in rows.get(s, {}))
+        versus = "; ".join(points(rows[s]["versus"]["mean"]) for s in SETS if "versus" in rows.get(s, {}))
         seeds = len(next(iter(rows.values()))["seeds"])
         lines.append(f"| {label} | {paper} | {seeds} | {ends[0]} | {ends[1]} | {versus} |")
     return "\n".join(lines)

@@ -9,7 +9,7 @@ import yaml
 
 from attnrhythm.cli import main
 from attnrhythm.errors import UserError
-from attnrhythm.train.compare import holm, paired_gain, problem_key, two_level
+from attnrhythm.train.compare import holm, paired_gain, problem_key, two_level, verdict
 
 # in the order paired_gain resamples them (sorted by problem key), so the hand bootstrap draws the same problems
 PROBLEMS = sorted(({"numbers": [i, i + 1], "target": 2 * i + 1} for i in range(40)), key=problem_key)
@@ -139,9 +139,7 @@ def test_compare_pairs_seeds_with_plain_grpo_and_scores_both_test_sets(tmp_path)
     assert "### dev set (40 problems)" in table and "### final set (40 problems)" in table
     line = next(x for x in table.splitlines() if x.startswith("| coupled | 3 |"))
     assert f"{100 * v['mean']:+.1f} [{100 * v['ci_low']:+.1f}, {100 * v['ci_high']:+.1f}]" in line
-    words = ("inconclusive" if v["ci_low"] <= 0 <= v["ci_high"] else "inconclusive after Holm" if v["p_holm"] >= 0.05
-             else "higher" if v["ci_low"] > 0 else "lower")
-    assert line.endswith(f"| {words} |")
+    assert line.endswith(f"| {verdict(v, 3)} |")  # the rule itself: test_verdict_needs_the_interval_and_...
     credits = [x.split(" | ")[0][2:] for x in table.split("### final set")[0].splitlines() if x.startswith("| ") and " | " in x]
     assert credits[1:4] == ["none", "random", "coupled"]  # registry order, whatever order the runs were given in
     # random has two seeds: an interval over two fixed models gets no verdict, whatever it says
@@ -209,7 +207,6 @@ def test_committed_results_recompute_from_the_kept_evaluations():
 def test_verdict_needs_the_interval_and_the_family_correction():
     """An interval clear of 0 is one comparison; the credit table makes several, so a verdict also
     needs the Holm-corrected p below 0.05 (R1's coupled on avg@4 with 3 seeds: [+0.1, +1.4], p_holm 0.087)."""
-    from attnrhythm.train.compare import verdict
     clear = {"ci_low": 0.001, "ci_high": 0.014, "p": 0.04}
     assert verdict({**clear, "p_holm": 0.087}, 3) == "inconclusive after Holm"
     assert verdict({**clear, "p_holm": 0.04}, 3) == "higher"

@@ -256,12 +256,18 @@ def verdict(stat: dict, n_seeds: int) -> str:
 
 
 # ----------------------------------------------------------------------------- tables
-def _pts(x: float) -> str:
+def points(x: float) -> str:
     return f"{100 * x:+.1f}"
 
 
-def _ci(stat: dict, mean_key: str = "mean") -> str:
-    return f"{_pts(stat[mean_key])} [{_pts(stat['ci_low'])}, {_pts(stat['ci_high'])}]"
+def interval_text(stat: dict, mean_key: str = "mean") -> str:
+    """"+1.2 [+0.3, +2.1]": a difference and its interval, in points."""
+    return f"{points(stat[mean_key])} [{points(stat['ci_low'])}, {points(stat['ci_high'])}]"
+
+
+def judged(stat: dict, n_seeds: int) -> str:
+    """An interval with its verdict, as the credit lines (and the README's tables) print it."""
+    return f"{interval_text(stat)}, {verdict(stat, n_seeds)}"
 
 
 def recipe_title(recipe: dict) -> str:
@@ -291,8 +297,8 @@ def table(rows: list[dict], summaries: list[dict], baseline: str = "none") -> st
                 v = s.get("versus")
                 lines.append(
                     f"| {s['credit']} | {len(s['seeds'])} | {100 * s['pass1_start']:.1f}% | {100 * s['pass1_end']:.1f}% "
-                    f"| {_ci(s['gain'])}, {verdict(s['gain'], len(s['seeds']))} | {s['seeds_above_start']} of {len(s['seeds'])} "
-                    + (f"| {'; '.join(_pts(x) for x in v['per_seed'])} | {_ci(v)} | {v['seeds_better']} / {v['seeds_worse']} "
+                    f"| {judged(s['gain'], len(s['seeds']))} | {s['seeds_above_start']} of {len(s['seeds'])} "
+                    + (f"| {'; '.join(points(x) for x in v['per_seed'])} | {interval_text(v)} | {v['seeds_better']} / {v['seeds_worse']} "
                        f"| {v['p_holm']:.3f} | {verdict(v, len(v['seeds']))} |" if v else "|  |  |  |  |  |"))
             lines += ["", f"Per run ({test_set} set): gain over the start and end minus `{baseline}`'s end with the "
                       "same seed, 95% bootstrap over problems (the run is one fixed model).", "",
@@ -301,9 +307,9 @@ def table(rows: list[dict], summaries: list[dict], baseline: str = "none") -> st
             for r in rows:
                 if r["test_set"] != test_set or json.dumps({f: r.get(f) for f in RECIPE_FIELDS}, sort_keys=True) != recipe:
                     continue
-                versus = (f"{_pts(r['versus_gain'])} [{_pts(r['versus_ci_low'])}, {_pts(r['versus_ci_high'])}]"
+                versus = (f"{points(r['versus_gain'])} [{points(r['versus_ci_low'])}, {points(r['versus_ci_high'])}]"
                           if "versus_gain" in r else "")
-                lines.append(f"| {r['run']} | {100 * r['pass1_end']:.1f}% | {_ci(r, 'gain')} | {r['wins']} / {r['losses']} "
+                lines.append(f"| {r['run']} | {100 * r['pass1_end']:.1f}% | {interval_text(r, 'gain')} | {r['wins']} / {r['losses']} "
                              f"| {versus} | {r['commit'][:10]} |")
             lines.append("")
     lines.append("Scores: greedy pass@1 on a set named dev or final; avg@k (mean accuracy of k samples at "
