@@ -234,6 +234,7 @@ def in_pass_check(model, n, vocab, device) -> dict:
         plain = model(input_ids=ids, attention_mask=mask).logits
         with statistics_in_pass(model, config, entropy=True) as cap:
             inside = model(input_ids=ids, attention_mask=mask).logits
+    check_deadline()  # the in-pass capture swallows errors (a StageTimeout too) so the caller's pass goes on
     row = dict(stage="in_pass", n=n, failed=cap.failed, logits_bitwise=bool(torch.equal(plain, inside)))
     del plain, inside
     if not cap.failed:
