@@ -147,6 +147,29 @@ def test_compare_pairs_seeds_with_plain_grpo_and_scores_both_test_sets(tmp_path)
     assert line.endswith("| not judged (2 seeds) |") and ", not judged (2 seeds) |" in line
 
 
+def test_a_test_set_scores_whole_credits(tmp_path, capsys):
+    """The final split scores only the credits whose runs are fixed: a credit none of whose runs has
+    the file is left out of that test set; one with some seeds missing is refused (keeping the
+    seeds that happen to be scored would be choosing seeds)."""
+    warm = tmp_path / "warm"
+    warm.mkdir()
+    for name in ("eval.json", "eval_final.json"):
+        (warm / name).write_text(json.dumps(evaluation([True, False] * 20)))
+    runs = [write_run(tmp_path, c, s, [s % 2 == 0] * 40, final=None if c == "random" else [True] * 40)
+            for c in ("none", "random", "coupled") for s in (0, 1, 2)]
+    args = ["compare", "--start", str(warm), *runs, "--test-sets", "dev=eval.json", "final=eval_final.json"]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {r["credit"] for r in rows if r["test_set"] == "final"} == {"none", "coupled"}
+    assert {r["credit"] for r in rows if r["test_set"] == "dev"} == {"none", "random", "coupled"}
+    assert "no eval_final.json for random" in capsys.readouterr().err
+    (tmp_path / "coupled-s1" / "eval_final.json").unlink()
+    assert main([*args, "--out", str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err
+    assert "final: 1 of the 3 `coupled` runs have no eval_final.json" in err and "coupled-s1" in err
+    assert not (tmp_path / "out2").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--test-sets", "dev"], "NAME=FILE"),
     (["--test-sets", "dev=eval.json", "final=eval_final.json", "--start", "START_FILE"], "folder"),

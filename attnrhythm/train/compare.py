@@ -30,6 +30,8 @@ from attnrhythm.core.credit import CREDIT_NAMES
 from attnrhythm.errors import MissingInput, UserError
 from attnrhythm.io import option
 
+logger = log.get_logger(__name__)
+
 N_BOOT = 10_000
 RECIPE_FIELDS = ("task", "learning_rate", "num_generations", "per_device_batch", "steps_per_generation",
                  "max_steps", "max_completion_length", "beta")
@@ -358,9 +360,34 @@ def compare(settings: CompareSettings) -> tuple[list[dict], list[dict]]:
     rows, summaries = [], []
     for test_set, file in test_sets.items():
         start = start_evaluation(settings.start, file, len(test_sets) == 1)
-        rows += run_rows(runs, start, file, test_set, settings.versus, settings.device, settings.run_command)
-        summaries += credit_summaries(runs, start, file, test_set, settings.versus)
+        scored = scored_runs(runs, file, test_set)
+        rows += run_rows(scored, start, file, test_set, settings.versus, settings.device, settings.run_command)
+        summaries += credit_summaries(scored, start, file, test_set, settings.versus)
     return rows, summaries
+
+
+def scored_runs(runs: list[Run], file: str, test_set: str) -> list[Run]:
+    """The runs a test set covers.  A test set may score some credits and not others (the final
+    split scores only the credits whose runs are fixed), but a credit is scored on all its seeds or
+    on none: keeping the seeds that happen to have a file would be choosing seeds."""
+    by_credit: dict[str, list[Run]] = {}
+    for run in runs:
+        by_credit.setdefault(run.config["credit"], []).append(run)
+    scored, left_out = [], []
+    for credit, group in by_credit.items():
+        missing = [r.path for r in group if not os.path.exists(os.path.join(r.path, file))]
+        if not missing:
+            scored += group
+        elif len(missing) == len(group):
+            left_out.append(credit)
+        else:
+            raise MissingInput(f"{test_set}: {len(missing)} of the {len(group)} `{credit}` runs have no {file} "
+                               f"({', '.join(missing)}): evaluate them too, or leave the credit out")
+    if not scored:
+        raise MissingInput(f"{test_set}: no run has {file}: evaluate the runs (`attnrhythm eval --out RUN/{file}`) first")
+    if left_out:
+        logger.info("%s: no %s for %s; those credits are left out of this test set", test_set, file, ", ".join(left_out))
+    return scored
 
 
 def command(settings: CompareSettings, command_line: str | None = None) -> int:
