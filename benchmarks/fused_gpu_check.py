@@ -283,6 +283,7 @@ def main(argv=None) -> int:
                 for row in rows():
                     failures += isinstance(row, dict) and row.get("ok") is False
                     report(row)
+                check_deadline()  # a stage past its limit timed out, even where something swallowed the alarm
         except Exception as err:  # noqa: BLE001 - report and go on to the next stage
             failures += 1
             try:
