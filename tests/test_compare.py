@@ -15,8 +15,13 @@ from attnrhythm.train.compare import holm, paired_gain, problem_key, two_level, 
 PROBLEMS = sorted(({"numbers": [i, i + 1], "target": 2 * i + 1} for i in range(40)), key=problem_key)
 
 
-def evaluation(correct, problems=PROBLEMS):
-    return {"problems": [dict(p, scores=[1.0 if c else 0.1], completions=["..."]) for p, c in zip(problems, correct)]}
+GREEDY = {"task": "countdown-pairs", "split": "test", "n": 40, "samples": 1, "temperature": None, "greedy": True,
+          "max_new_tokens": 128, "batch_size": 32, "seed": 0}
+
+
+def evaluation(correct, problems=PROBLEMS, **settings):
+    return {"settings": {**GREEDY, **settings},
+            "problems": [dict(p, scores=[1.0 if c else 0.1], completions=["..."]) for p, c in zip(problems, correct)]}
 
 
 def hand_gain(start, ends, n_boot=10_000, seed=0):
@@ -136,7 +141,7 @@ def test_compare_pairs_seeds_with_plain_grpo_and_scores_both_test_sets(tmp_path)
     family = holm({"coupled": v["p"], "random": random_dev["versus"]["p"]})
     assert v["p_holm"] == pytest.approx(family["coupled"])
     table = (out / "results.md").read_text()
-    assert "### dev set (40 problems)" in table and "### final set (40 problems)" in table
+    assert "### dev set (40 problems, greedy pass@1)" in table and "### final set (40 problems, greedy pass@1)" in table
     line = next(x for x in table.splitlines() if x.startswith("| coupled | 3 |"))
     assert f"{100 * v['mean']:+.1f} [{100 * v['ci_low']:+.1f}, {100 * v['ci_high']:+.1f}]" in line
     assert line.endswith(f"| {verdict(v, 3)} |")  # the rule itself: test_verdict_needs_the_interval_and_...
@@ -168,6 +173,18 @@ def test_a_test_set_scores_whole_credits(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "final: 1 of the 3 `coupled` runs have no eval_final.json" in err and "coupled-s1" in err
     assert not (tmp_path / "out2").exists()
+    # scored with other settings than the start: refused; a batch size changes no score
+    (tmp_path / "coupled-s1" / "eval_final.json").write_text(json.dumps(evaluation([True] * 40, batch_size=8)))
+    assert main([*args, "--out", str(tmp_path / "out3")]) == 0
+    (tmp_path / "coupled-s1" / "eval_final.json").write_text(json.dumps(evaluation([True] * 40, max_new_tokens=64)))
+    assert main([*args, "--out", str(tmp_path / "out4")]) == 2
+    assert "coupled-s1 was scored with other settings than the start (max_new_tokens: 64 vs 128)" in capsys.readouterr().err
+
+
+def test_score_names_come_from_the_evaluation_settings():
+    from attnrhythm.train.compare import score_name
+    assert score_name(evaluation([True])) == "greedy pass@1"
+    assert score_name(evaluation([True], samples=4, temperature=1.0, greedy=False)) == "avg@4 (4 samples at T 1)"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -183,9 +200,6 @@ def test_compare_refuses_bad_arguments_in_one_line(tmp_path, capsys, args, messa
     start = [] if "--start" in args else ["--start", str(warm)]
     assert main(["compare", *start, run, *args, "--out", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
-
-
-FILES = {"dev": "eval.json", "final": "eval_final.json"}
 
 
 def test_committed_results_recompute_from_the_kept_evaluations():
@@ -207,8 +221,9 @@ def test_committed_results_recompute_from_the_kept_evaluations():
         evaluation = Path(row["evaluation"])
         assert evaluation.parts[:3] == ("docs", "training", "evals") and (docs.parents[1] / evaluation).is_file()
         assert evaluation.parent.name == row["run"]
-    test_sets = sorted({r["test_set"] for r in rows})
-    specs = [f"{t}={FILES.get(t, 'eval_' + t.split('-')[-1] + '.json')}" for t in test_sets]
+    files = {r["test_set"]: Path(r["evaluation"]).name for r in rows}  # each row names its file
+    assert all(Path(r["evaluation"]).name == files[r["test_set"]] for r in rows)  # one file per test set
+    specs = [f"{t}={file}" for t, file in files.items()]
     runs = sorted(str(p) for p in (docs / "evals").iterdir() if (p / "config.yaml").exists())
     again_rows, again_summaries = compare(CompareSettings(start=str(docs / "evals" / "warm"), runs=runs, test_sets=specs))
     key = lambda r: (r["run"], r["test_set"])  # noqa: E731

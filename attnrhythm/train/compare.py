@@ -178,6 +178,7 @@ def run_rows(runs: list[Run], start: dict, file: str, test_set: str, baseline: s
     rows = []
     for run in runs:
         row = {"run": run.name, "credit": run.config["credit"], "seed": run.config["seed"], "test_set": test_set,
+               "score": score_name(start),
                **{f: run.config.get(f) for f in RECIPE_FIELDS},
                **paired_gain(start, evaluations[run.path]), "steps": run.config.get("max_steps"),
                "device": device or run.config.get("device", ""), "command": command, "commit": run.commit,
@@ -207,7 +208,7 @@ def credit_summaries(runs: list[Run], start: dict, file: str, test_set: str, bas
         scores = aligned(start, *(by_seed[s].evaluation(file) for s in seeds))
         gain = two_level(scores[1:] - scores[0])
         summary = {"recipe": dict(zip(RECIPE_FIELDS, recipe)), "credit": credit, "test_set": test_set,
-                   "seeds": seeds, "n_test": scores.shape[1], "pass1_start": float(scores[0].mean()),
+                   "seeds": seeds, "score": score_name(start), "n_test": scores.shape[1], "pass1_start": float(scores[0].mean()),
                    "pass1_end": float(scores[1:].mean()), "end_per_seed": [float(x) for x in scores[1:].mean(1)],
                    "gain": gain, "seeds_above_start": int((scores[1:].mean(1) > scores[0].mean()).sum()),
                    "commits": sorted({by_seed[s].commit for s in seeds})}
@@ -290,7 +291,7 @@ def table(rows: list[dict], summaries: list[dict], baseline: str = "none") -> st
             if not group:
                 continue
             n = group[0]["n_test"]
-            lines += [f"### {test_set} set ({n} problems): {recipe_title(group[0]['recipe'])}", "",
+            lines += [f"### {test_set} set ({n} problems, {group[0]['score']}): {recipe_title(group[0]['recipe'])}", "",
                       f"| credit | seeds | start | mean end | gain over start (95% CI, seeds x problems) "
                       f"| seeds above start | end minus `{baseline}`'s, same seed, per seed | minus `{baseline}` "
                       "(95% CI, seeds x problems) | seeds better / worse | p (Holm) | verdict |",
@@ -314,8 +315,8 @@ def table(rows: list[dict], summaries: list[dict], baseline: str = "none") -> st
                 lines.append(f"| {r['run']} | {100 * r['pass1_end']:.1f}% | {interval_text(r, 'gain')} | {r['wins']} / {r['losses']} "
                              f"| {versus} | {r['commit'][:10]} |")
             lines.append("")
-    lines.append("Scores: greedy pass@1 on a set named dev or final; avg@k (mean accuracy of k samples at "
-                 "temperature 1.0) on a set named dev-avgk. The credit lines resample seeds and, within them, problems (two-level "
+    lines.append("Scores: each set's heading names its score, read from its evaluation files: greedy pass@1, or "
+                 "avg@k, the mean accuracy of k samples at temperature T. The credit lines resample seeds and, within them, problems (two-level "
                  "bootstrap, 10,000 resamples); p is the two-sided bootstrap p-value, Holm-corrected over the "
                  "credits of one test set; a verdict is 'higher' or 'lower' only when the whole interval is and the "
                  f"Holm-corrected p is below {ALPHA:g} ('inconclusive after Holm' when only the interval clears 0), "
@@ -361,9 +362,44 @@ def compare(settings: CompareSettings) -> tuple[list[dict], list[dict]]:
     for test_set, file in test_sets.items():
         start = start_evaluation(settings.start, file, len(test_sets) == 1)
         scored = scored_runs(runs, file, test_set)
+        same_scoring(start, {run.path: run.evaluation(file) for run in scored}, test_set)
         rows += run_rows(scored, start, file, test_set, settings.versus, settings.device, settings.run_command)
         summaries += credit_summaries(scored, start, file, test_set, settings.versus)
     return rows, summaries
+
+
+SCORING_IGNORED = ("batch_size",)
+"""Evaluation settings that do not change a score (generation gives the same completions whatever
+the batch size: ``train.evaluate.generate_completions``)."""
+
+
+def scoring(evaluation: dict) -> dict:
+    """The settings that define an evaluation's score (task, split, n, samples, temperature, ...)."""
+    return {k: v for k, v in (evaluation.get("settings") or {}).items() if k not in SCORING_IGNORED}
+
+
+def score_name(evaluation: dict) -> str:
+    """"greedy pass@1" or "avg@4 (4 samples at T 1)", from the evaluation's own settings."""
+    settings = evaluation.get("settings") or {}
+    if not settings:
+        return "score of the evaluation files"
+    if settings.get("greedy") or not settings.get("temperature"):
+        return "greedy pass@1"
+    k = settings.get("samples", 1)
+    return f"avg@{k} ({k} samples at T {settings['temperature']:g})"
+
+
+def same_scoring(start: dict, evaluations: dict[str, dict], test_set: str) -> None:
+    """Refuse a test set whose files were scored differently (another split, number of samples,
+    temperature or token budget): their differences would not be gains."""
+    want = scoring(start)
+    for path, evaluation in evaluations.items():
+        got = scoring(evaluation)
+        if got != want:
+            keys = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+            raise UserError(f"{test_set}: {path} was scored with other settings than the start "
+                            f"({', '.join(f'{k}: {got.get(k)} vs {want.get(k)}' for k in keys)}): "
+                            "evaluate every model of a test set with the same command")
 
 
 def scored_runs(runs: list[Run], file: str, test_set: str) -> list[Run]:
