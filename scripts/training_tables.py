@@ -22,29 +22,38 @@ PAPER = [("none", "GRPO (`none`)", 52.6), ("random", "+ random credit", 55.0),
          ("entropy", "+ high-entropy credit (`entropy`)", 57.7), ("local", "+ local-chunk credit", 59.9),
          ("global", "+ global-anchor credit", 60.4), ("coupled", "+ coupled rhythm credit", 63.1)]
 SETS = ("dev", "dev-avg4")
-SCORES = {"dev-avg4": "avg@4 (4 samples, T = 1)", "dev": "greedy pass@1"}
+
+
+FAMILIES = (("dev", "dev set"), ("final", "final set, scored once"))
+"""Test sets by family: greedy pass@1 on FAMILY, avg@4 on FAMILY-avg4."""
 
 
 def readme(summary: list[dict]) -> str:
-    """Plain GRPO's gain over the start, then every credit minus `none` with the same seeds."""
+    """Plain GRPO's gain over the start on every set, then every credit minus `none` with the same
+    seeds (a line per credit and set family that scored it)."""
     rows = {(row["credit"], row["test_set"]): row for row in summary}
-    none = {s: rows[("none", s)] for s in SETS}
-    n = len(none["dev"]["seeds"])
-    lines = [f"| score on the {none['dev']['n_test']} dev problems | warm start | after GRPO (mean of {n} seeds) "
-             "| gain (95% CI, seeds x problems) | seeds above start |", "|---|---|---|---|---|"]
-    for s in ("dev-avg4", "dev"):
-        r = none[s]
-        lines.append(f"| {SCORES[s]} | {100 * r['pass1_start']:.1f}% | {100 * r['pass1_end']:.1f}% "
-                     f"| {judged(r['gain'], len(r['seeds']))} | {r['seeds_above_start']} of {len(r['seeds'])} |")
+    n = len(rows[("none", "dev")]["seeds"])
+    lines = [f"| score | warm start | after GRPO (mean of {n} seeds) | gain (95% CI, seeds x problems) "
+             "| seeds above start |", "|---|---|---|---|---|"]
+    for family, label in FAMILIES:
+        for test_set, score in ((f"{family}-avg4", "avg@4 (4 samples, T = 1)"), (family, "greedy pass@1")):
+            if ("none", test_set) in rows:
+                r = rows[("none", test_set)]
+                lines.append(f"| {score}, {label} ({r['n_test']} problems) | {100 * r['pass1_start']:.1f}% "
+                             f"| {100 * r['pass1_end']:.1f}% | {judged(r['gain'], len(r['seeds']))} "
+                             f"| {r['seeds_above_start']} of {len(r['seeds'])} |")
     lines += ["", "| credit minus `none`, same seed | seeds | avg@4 (95% CI, seeds x problems) | seeds better / worse "
               "| greedy pass@1 (95% CI) | seeds better / worse |", "|---|---|---|---|---|---|"]
-    for credit in CREDIT_NAMES[1:]:  # every credit but `none`, in registry order
-        if (credit, "dev") not in rows:
-            continue
-        avg, greedy = rows[(credit, "dev-avg4")]["versus"], rows[(credit, "dev")]["versus"]
-        lines.append(f"| {credit} | {len(greedy['seeds'])} | {judged(avg, len(avg['seeds']))} "
-                     f"| {avg['seeds_better']} / {avg['seeds_worse']} | {judged(greedy, len(greedy['seeds']))} "
-                     f"| {greedy['seeds_better']} / {greedy['seeds_worse']} |")
+    for family, label in FAMILIES:
+        for credit in CREDIT_NAMES[1:]:  # every credit but `none`, in registry order
+            if (credit, family) not in rows:
+                continue
+            cells = []
+            for test_set in (f"{family}-avg4", family):
+                v = rows.get((credit, test_set), {}).get("versus")
+                cells += [judged(v, len(v["seeds"])), f"{v['seeds_better']} / {v['seeds_worse']}"] if v else ["", ""]
+            name = credit if family == "dev" else f"{credit}, {label}"
+            lines.append(f"| {name} | {len(rows[(credit, family)]['seeds'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
