@@ -9,7 +9,8 @@ import yaml
 
 from attnrhythm.cli import main
 from attnrhythm.errors import UserError
-from attnrhythm.train.compare import holm, paired_gain, problem_key, two_level, verdict
+from attnrhythm.train.compare import verdict
+from attnrhythm.train.paired import holm, paired_gain, problem_key, two_level
 
 # in the order paired_gain resamples them (sorted by problem key), so the hand bootstrap draws the same problems
 PROBLEMS = sorted(({"numbers": [i, i + 1], "target": 2 * i + 1} for i in range(40)), key=problem_key)
@@ -182,7 +183,7 @@ def test_a_test_set_scores_whole_credits(tmp_path, capsys):
 
 
 def test_score_names_come_from_the_evaluation_settings():
-    from attnrhythm.train.compare import score_name
+    from attnrhythm.train.paired import score_name
     assert score_name(evaluation([True])) == "greedy pass@1"
     assert score_name(evaluation([True], samples=4, temperature=1.0, greedy=False)) == "avg@4 (4 samples at T 1)"
 
