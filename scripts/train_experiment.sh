@@ -23,8 +23,9 @@
 #   temperature 1.0, <= AVG_TOKENS new tokens: the lower-variance score of docs/training/results.md)
 #   -> RUN/eval_avg{k}.json, compared as the test set dev-avg{k}
 #   FINAL=0: 1 = score the start and every finished run once more, on the task's final split
-#   (countdown-pairs: a held-out set that no recipe decision has seen) -> RUN/eval_final.json,
-#   OUT/final/results.{json,md}; run it once, after the runs of a comparison are fixed
+#   (countdown-pairs: a held-out set that no recipe decision has seen) -> RUN/eval_final.json
+#   (and with AVG_K, RUN/eval_final_avg{k}.json), OUT/final/results.{json,md}; run it once, after
+#   the runs of a comparison are fixed
 #
 # Each run folder records the commit of the training code that made it (RUN/commit.txt), so a
 # comparison can show that all of its runs used the same code.
@@ -85,11 +86,12 @@ evaluate() {  # evaluate MODEL_DIR [final]: the dev set (eval.json) or the final
 }
 evaluate "$OUT/warm"
 
-evaluate_sampled() {  # evaluate_sampled MODEL_DIR: avg@AVG_K on the dev set
-  local file=$1/eval_avg$AVG_K.json
+evaluate_sampled() {  # evaluate_sampled MODEL_DIR [final]: avg@AVG_K on the dev set or the final split
+  local file=$1/eval_avg$AVG_K.json split=test n=$EVAL_N
+  if [[ ${2:-} == final ]]; then file=$1/eval_final_avg$AVG_K.json split=final n=$FINAL_N; fi
   (( AVG_K > 0 )) && [[ ! -f $file ]] || return 0
-  echo "[$(stamp)] eval $1 (avg@$AVG_K)"
-  attnrhythm eval --model "$1" --task "$TASK" --split test --n "$EVAL_N" --samples "$AVG_K" --temperature 1.0 \
+  echo "[$(stamp)] eval $1 (avg@$AVG_K, $split)"
+  attnrhythm eval --model "$1" --task "$TASK" --split "$split" --n "$n" --samples "$AVG_K" --temperature 1.0 \
     --max-new-tokens "$AVG_TOKENS" --seed 0 --out "$file"
 }
 evaluate_sampled "$OUT/warm"
@@ -112,17 +114,21 @@ train_one() {  # train_one CREDIT SEED: train from the warm start, then evaluate
 
 if [[ $FINAL == 1 ]]; then  # the final split, once, for the start and every finished run
   evaluate "$OUT/warm" final
+  evaluate_sampled "$OUT/warm" final
   finals=()
   for seed in $SEEDS; do
     for credit in $CREDITS; do
       run=$OUT/$credit-s$seed
       [[ -f $run/eval.json ]] || continue
       evaluate "$run" final
+      evaluate_sampled "$run" final
       finals+=("$run")
     done
   done
+  FINAL_SETS="final=eval_final.json"
+  (( AVG_K > 0 )) && FINAL_SETS="$FINAL_SETS final-avg$AVG_K=eval_final_avg$AVG_K.json"
   # shellcheck disable=SC2086
-  attnrhythm compare --start "$OUT/warm" "${finals[@]}" --test-sets $TEST_SETS final=eval_final.json \
+  attnrhythm compare --start "$OUT/warm" "${finals[@]}" --test-sets $TEST_SETS $FINAL_SETS \
     --out "$OUT/final"
   echo "[$(stamp)] done: $OUT/final/results.md (dev and final sets)"
   exit 0

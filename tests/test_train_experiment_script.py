@@ -182,16 +182,18 @@ def test_final_split_is_scored_once(experiment):
     assert code == 0, output
     assert not _of(calls, "sft") and not _of(calls, "train") and not _of(calls, "plot")
     evals = _of(calls, "eval")
-    assert all(_option(c, "--split") == "final" and _option(c, "--samples") == "1" for c in evals)
-    assert sorted(_option(c, "--out") for c in evals) == \
-        sorted(str(out / d / "eval_final.json") for d in ["warm"] + RUNS)
+    assert all(_option(c, "--split") == "final" for c in evals)  # greedy, and avg@4 as on the dev set
+    assert sorted((_option(c, "--out"), _option(c, "--samples")) for c in evals) == \
+        sorted((str(out / d / name), samples) for d in ["warm"] + RUNS
+               for name, samples in (("eval_final.json", "1"), ("eval_final_avg4.json", "4")))
     for d in ["warm"] + RUNS:
-        assert (out / d / "eval_final.json").is_file()
+        assert (out / d / "eval_final.json").is_file() and (out / d / "eval_final_avg4.json").is_file()
     compare = _of(calls, "compare")
     assert len(compare) == 1
     assert _option(compare[0], "--start") == str(out / "warm")
     assert _values(compare[0], "--start") == [str(out / "warm")] + [str(out / r) for r in RUNS]
-    assert _values(compare[0], "--test-sets") == ["dev=eval.json", "dev-avg4=eval_avg4.json", "final=eval_final.json"]
+    assert _values(compare[0], "--test-sets") == ["dev=eval.json", "dev-avg4=eval_avg4.json", "final=eval_final.json",
+                                                  "final-avg4=eval_final_avg4.json"]
     assert _option(compare[0], "--out") == str(out / "final")
     assert (out / "final" / "results.md").is_file()
 
