@@ -185,7 +185,7 @@ def test_a_test_set_scores_whole_credits(tmp_path, capsys):
 def test_score_names_come_from_the_evaluation_settings():
     from attnrhythm.train.paired import score_name
     assert score_name(evaluation([True])) == "greedy pass@1"
-    assert score_name(evaluation([True], samples=4, temperature=1.0, greedy=False)) == "avg@4 (4 samples at T 1)"
+    assert score_name(evaluation([True], samples=4, temperature=1.0, greedy=False)) == "avg@4 at temperature 1"
 
 
 @pytest.mark.parametrize("args, message", [

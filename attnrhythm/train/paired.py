@@ -89,14 +89,14 @@ def scoring(evaluation: dict) -> dict:
 
 
 def score_name(evaluation: dict) -> str:
-    """"greedy pass@1" or "avg@4 (4 samples at T 1)", from the evaluation's own settings."""
+    """"greedy pass@1" or "avg@4 at temperature 1", from the evaluation's own settings."""
     settings = evaluation.get("settings") or {}
     if not settings:
         return "score of the evaluation files"
     if settings.get("greedy") or not settings.get("temperature"):
         return "greedy pass@1"
     k = settings.get("samples", 1)
-    return f"avg@{k} ({k} samples at T {settings['temperature']:g})"
+    return f"avg@{k} at temperature {settings['temperature']:g}"
 
 
 def same_scoring(start: dict, evaluations: dict[str, dict], test_set: str) -> None:
