@@ -22,7 +22,6 @@ import json
 import os
 from dataclasses import dataclass, field
 
-
 from attnrhythm import io, log
 from attnrhythm.core.credit import CREDIT_NAMES
 from attnrhythm.errors import MissingInput, UserError

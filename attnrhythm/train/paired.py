@@ -77,7 +77,6 @@ def paired_gain(start: dict | list[dict], end: dict | list[dict], n_boot: int = 
             "wins": int((diff > 0).sum()), "losses": int((diff < 0).sum())}
 
 
-
 SCORING_IGNORED = ("batch_size",)
 """Evaluation settings that do not change a score (generation gives the same completions whatever
 the batch size: ``train.evaluate.generate_completions``)."""
