@@ -4,11 +4,12 @@
 
 For the start (`warm`) and every finished run folder of RUNS (one with config.yaml and eval.json): its config.yaml,
 commit.txt, training log (metrics.jsonl: every optimizer step's loss, reward, grad_norm, ...; the
-warm start's warm_start.json) and each evaluation (eval.json, eval_avg*.json, eval_final.json) without the model's
+warm start's warm_start.json) and each evaluation (eval.json, eval_avg*.json, eval_final*.json) without the model's
 completions (what `attnrhythm compare` reads: each problem and its scores).  Then
 
     attnrhythm compare --start docs/training/evals/warm docs/training/evals/none-s* ... \\
-        --test-sets dev=eval.json dev-avg4=eval_avg4.json --out docs/training
+        --test-sets dev=eval.json dev-avg4=eval_avg4.json final=eval_final.json \\
+        final-avg4=eval_final_avg4.json --out docs/training
 
 gives back results.json and summary.json.  Evaluations are written atomically; DEST holds only
 what this script copies, and a rerun replaces those files with the runs' current ones.
