@@ -186,6 +186,23 @@ def test_worked_setting_keeps_test_and_final_apart_from_train():
         get_task("countdown-easy").load("final", 1, 0)
 
 
+def test_worked_small_setting_has_numbers_up_to_10_and_its_own_splits():
+    """countdown-worked-small: countdown-worked's generator with numbers up to 10; its three splits
+    are disjoint, and its dev split holds 300 instances (a request for more names the limit)."""
+    task = get_task("countdown-worked-small")
+    assert task.splits == ("train", "test", "final")
+    rows = {"train": task.load("train", 2000, 1234), "test": task.load("test", 256, 0), "final": task.load("final", 256, 0)}
+    keys = {split: {(tuple(sorted(r["numbers"])), r["target"]) for r in found} for split, found in rows.items()}
+    assert not keys["train"] & keys["test"] and not keys["train"] & keys["final"] and not keys["test"] & keys["final"]
+    for split, found in rows.items():
+        for row in found:
+            assert len(row["numbers"]) == 3 and max(row["numbers"]) <= 10 and 1 <= row["target"] <= 100
+            assert split_of(row["numbers"], row["target"], 0.1) == split
+            assert evaluate(solve_countdown(row["numbers"], row["target"])) == row["target"]
+    with pytest.raises(UserError, match="could only generate 300 of 400"):
+        task.load("test", 400, 0)
+
+
 def test_solver():
     expr = solve_countdown([3, 3, 8, 8], 24)  # needs a fractional intermediate: 8 / (3 - 8/3)
     assert expr is not None and evaluate(expr) == 24
