@@ -81,3 +81,35 @@ def test_training_pages_hold_the_scripts_tables():
     assert tables.readme(summary) in (root / "README.md").read_text()
     evals = [str(p) for p in sorted((root / "docs" / "training" / "evals").glob("*/eval.json"))]
     assert load("pairs_operations").table(evals) in page
+
+
+def test_worked_failures_sorts_each_failed_sample_into_one_kind(tmp_path):
+    """scripts/worked_failures.py (docs/training.md, "Warm start"): the first kind that applies,
+    steps checked in exact Fractions, and a count per evaluation file."""
+    worked = load("worked_failures")
+    kind = worked.failure_kind
+    assert kind(" Target 4 from 7, 20, 17. Found: 7 * 17 = 119", [7, 20, 17], 4) == "no answer"
+    assert kind("Found: 7 + 2 = 9 </think>\n<answer> 7 + 2 </answer>", [7, 20, 17], 4) == "wrong numbers"
+    assert kind("<answer> 7 + (20 </answer>", [7, 20, 17], 4) == "wrong numbers"
+    slip = "Try 20 - 17 = 4, too low. Found: 7 * 17 = 119, 119 - 20 = 44. 44 equals the target. </think>\n<answer> 7 * 17 - 20 </answer>"
+    assert kind(slip, [7, 20, 17], 4) == "false step"  # 119 - 20 is 99; the false step in the attempts is not counted
+    claim = "Found: 7 * 17 = 119, 119 - 20 = 99. 99 equals the target. </think>\n<answer> 7 * 17 - 20 </answer>"
+    assert kind(claim, [7, 20, 17], 4) == "false claim"
+    assert kind("Found: 1 / 3 = 1/3, 1/3 + 2 = 7/3. </think><answer> 1 / 3 + 2 </answer>", [1, 2, 3], 4) == "other"
+    evaluation = {"problems": [{"numbers": [7, 20, 17], "target": 4, "scores": [0.1, 0.0], "completions": [slip, "no"]},
+                               {"numbers": [1, 2, 3], "target": 6, "scores": [1.0], "completions": ["<answer> 1 + 2 + 3 </answer>"]}]}
+    file = tmp_path / "eval.json"
+    file.write_text(json.dumps(evaluation))
+    assert worked.failures(str(file)) == (3, 1, {"no answer": 1, "wrong numbers": 0, "false step": 1, "false claim": 0, "other": 0})
+    assert f"| {file} | 3 | 1 | 1 | 0 | 1 | 0 | 0 |" in worked.table([str(file)])
+
+
+def test_worked_failure_table_in_training_md_is_the_scripts_output_on_the_committed_evaluations(monkeypatch):
+    """docs/training.md's warm-start failure table is what the script prints on the files it names."""
+    root = SCRIPTS.parent
+    text = (root / "docs/training.md").read_text(encoding="utf-8")
+    rows = [line for line in text.splitlines() if line.startswith("| docs/training/worked/")]
+    paths = [line.split(" | ")[0].removeprefix("| ") for line in rows]
+    assert len(paths) >= 2 and all((root / p).is_file() for p in paths)
+    monkeypatch.chdir(root)  # the table names the files as the command in the docs does
+    assert load("worked_failures").table(paths).splitlines()[2:] == rows

@@ -54,8 +54,8 @@ bucket [0.1, 0.2)) is new."""
 WORKED_SMALL = {**WORKED, "max_number": 10}
 """**Decision** (task option "countdown-worked-small"): WORKED with numbers up to 10.  Why: the
 countdown-worked warm start solves 12.1% of its dev set, below the 30-60% a GRPO comparison wants,
-and 212 of its 236 failures are arithmetic slips on numbers up to 20 (a 100-step warm start did
-worse: 7.8%; docs/training.md).  Numbers up to 10 keep products within the target range.  Its
+and 159 of its 225 failures are arithmetic slips on numbers up to 20 (a 100-step warm start did
+worse: 7.8%, 215 slips in 236 failures; docs/training.md).  Numbers up to 10 keep products within the target range.  Its
 instance space is small (~2,900: test 300, final 305, train 2,310), like countdown-pairs'."""
 VARIANTS = {"countdown": {}, "countdown-easy": EASY, "countdown-pairs": PAIRS, "countdown-worked": WORKED,
             "countdown-worked-small": WORKED_SMALL}
