@@ -8,6 +8,7 @@ metric is flat).
 from __future__ import annotations
 
 import math
+import time
 import os
 
 # Triton kernels run under its interpreter in the tests (there is no GPU): the mode is fixed when
@@ -241,3 +242,28 @@ class Reference:
 @pytest.fixture(scope="session")
 def ref():
     return Reference
+
+
+# ----------------------------------------------------------------------------- verifier inputs
+MEGABYTE = "x" * 1_000_000
+ADVERSARIAL = [
+    "9" * 10000,
+    "(" * 100000,
+    ")" * 100000,
+    "__import__('os').system('x')",
+    "2**10**10",
+    "2^10^10",
+    "{" * 50000 + "}" * 10,
+    MEGABYTE,
+    "<answer>" * 100000,
+    "</answer>" * 100000,
+    "\\boxed{" * 100000,
+]
+
+
+def fast(fn, *args, limit: float = 2.0):
+    """Call ``fn`` and assert it returns within ``limit`` seconds (a bound on pathological cost)."""
+    start = time.perf_counter()
+    result = fn(*args)
+    assert time.perf_counter() - start < limit, f"{fn.__name__} took too long"
+    return result
