@@ -9,7 +9,8 @@
 #
 # PRESET=cpu (default without a GPU) or gpu picks the sizes of `attnrhythm train` (see
 # docs/training.md); every size below is an environment variable.  A killed comparison resumes
-# where it stopped: finished runs (with eval.json) are skipped, an unfinished one starts again.
+# where it stopped: finished runs (with eval.json) are skipped, an unfinished one starts again
+# (with SAVE_STEPS, from its newest checkpoint).
 #
 #   OUT=runs/experiment  TASK=countdown-pairs (warm start and evaluation; countdown-easy is harder)
 #   TRAIN_TASK=$TASK (GRPO; e.g. countdown-easy-dense)
@@ -22,6 +23,9 @@
 #   AVG_K=0: k > 0 also scores every model by avg@k on the dev set (k samples per problem at
 #   temperature 1.0, <= AVG_TOKENS new tokens: the lower-variance score of docs/training/results.md)
 #   -> RUN/eval_avg{k}.json, compared as the test set dev-avg{k}
+#   SAVE_STEPS=0: N > 0 checkpoints every run every N optimizer steps, and a killed run resumes
+#   from its newest checkpoint (bit for bit on CPU, docs/training.md) instead of starting again:
+#   for runs longer than a session
 #   FINAL=0: 1 = score the start and every finished run once more, on the task's final split
 #   (countdown-pairs: a held-out set that no recipe decision has seen) -> RUN/eval_final.json
 #   (and with AVG_K, RUN/eval_final_avg{k}.json), OUT/final/results.{json,md}; run it once, after
@@ -48,6 +52,7 @@ THREADS=${THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
 EXTRA=${EXTRA:-}
 FINAL=${FINAL:-0}
 AVG_K=${AVG_K:-0}
+SAVE_STEPS=${SAVE_STEPS:-0}
 FINAL_N=${FINAL_N:-285}
 # countdown-worked's warm-start completions run 124-166 tokens (scripts/warm_start_lengths.py): a
 # shorter budget would cut the answer off and score it 0
@@ -99,12 +104,17 @@ TEST_SETS="dev=eval.json"
 (( AVG_K > 0 )) && TEST_SETS="$TEST_SETS dev-avg$AVG_K=eval_avg$AVG_K.json"
 
 train_one() {  # train_one CREDIT SEED: train from the warm start, then evaluate; output to RUN.log
-  local run=$OUT/$1-s$2
-  rm -rf "${run:?}"
-  echo "[$(stamp)] train credit=$1 seed=$2 -> $run (log: $run.log, code $COMMIT)"
+  local run=$OUT/$1-s$2 resume=
+  if (( SAVE_STEPS > 0 )) && compgen -G "$run/checkpoint-*" > /dev/null; then
+    resume=--resume  # train takes the newest complete checkpoint (an incomplete one: step 0)
+  else
+    rm -rf "${run:?}"  # an unfinished run of this script's own
+    : > "$run.log"
+  fi
+  echo "[$(stamp)] train credit=$1 seed=$2 -> $run (log: $run.log, code $COMMIT${resume:+, resumed})"
   # shellcheck disable=SC2086
   attnrhythm train --preset "$PRESET" --model "$OUT/warm" --task "$TRAIN_TASK" --credit "$1" --seed "$2" \
-    --save-steps 0 $STEPS_FLAG $EXTRA --out "$run" > "$run.log" 2>&1 || { echo "[$(stamp)] FAILED: $run (see $run.log)"; return 1; }
+    --save-steps "$SAVE_STEPS" $resume $STEPS_FLAG $EXTRA --out "$run" >> "$run.log" 2>&1 || { echo "[$(stamp)] FAILED: $run (see $run.log)"; return 1; }
   rm -rf "${run:?}"/checkpoint-*   # optimizer state is large; the final model is in the folder
   echo "$COMMIT" > "$run/commit.txt"
   evaluate "$run" >> "$run.log" 2>&1

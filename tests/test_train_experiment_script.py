@@ -232,3 +232,35 @@ def test_evaluation_token_budget_follows_the_task(tmp_path, task, greedy_tokens,
     assert evals and all(_option(c, "--task") == task for c in evals)
     assert {_option(c, "--max-new-tokens") for c in evals if _option(c, "--samples") == "1"} == {greedy_tokens}
     assert {_option(c, "--max-new-tokens") for c in evals if _option(c, "--samples") == "4"} == {sampled_tokens}
+
+
+def test_with_save_steps_a_killed_run_resumes_from_its_checkpoint(tmp_path):
+    """SAVE_STEPS=N: every run checkpoints, and a run killed after a checkpoint (its folder holds
+    checkpoint-*, no eval.json) resumes with --resume, its folder kept; a run with no checkpoint
+    starts afresh; without SAVE_STEPS the same folder is cleared and trained again."""
+    env = _environment(tmp_path, CREDITS="none random", SEEDS="0", SAVE_STEPS="2")
+    out = tmp_path / "exp"
+    killed = out / "none-s0"
+    (killed / "checkpoint-2").mkdir(parents=True)
+    (killed / "before-the-kill").write_text("kept")
+    (out / "none-s0.log").write_text("first part of the log\n")
+    code, output, calls = _run_script(env, tmp_path / "calls.log")
+    assert code == 0, output
+    trains = {_option(c, "--out"): c for c in _of(calls, "train")}
+    assert set(trains) == {str(killed), str(out / "random-s0")}
+    assert "--resume" in trains[str(killed)] and "--resume" not in trains[str(out / "random-s0")]
+    assert all(_option(c, "--save-steps") == "2" for c in trains.values())
+    assert (killed / "before-the-kill").is_file() and (killed / "eval.json").is_file()
+    assert (out / "none-s0.log").read_text().startswith("first part of the log\n")  # appended to
+    assert f"{killed} (log: {killed}.log, code" in output and "resumed" in output
+
+    (tmp_path / "again").mkdir()
+    env = _environment(tmp_path / "again", CREDITS="none", SEEDS="0")
+    out = tmp_path / "again" / "exp"
+    (out / "none-s0" / "checkpoint-2").mkdir(parents=True)
+    (out / "none-s0" / "before-the-kill").write_text("cleared")
+    code, output, calls = _run_script(env, tmp_path / "again" / "calls.log")
+    assert code == 0, output
+    (train,) = _of(calls, "train")
+    assert "--resume" not in train and _option(train, "--save-steps") == "0"
+    assert not (out / "none-s0" / "before-the-kill").exists()
