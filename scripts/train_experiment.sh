@@ -17,7 +17,8 @@
 #   MODEL=smollm2-135m  CREDITS="none random entropy local global coupled"
 #   SEEDS="0"  STEPS=<preset>  SFT_STEPS=30  EVAL_N=256  EXTRA="" (more train flags)
 #   EVAL_TOKENS=128, AVG_TOKENS=64 (new tokens of the greedy and the avg@k evaluation; 192 both
-#   for countdown-worked, whose worked solutions run up to 166 tokens)
+#   for countdown-worked*, whose worked solutions run up to 166 tokens, 128 both for
+#   countdown-pairs-worked)
 #   JOBS=1 (runs trained side by side; on a 2-core CPU, JOBS=2 with one thread each halves the wall
 #   time)  THREADS=<cores / JOBS> (torch threads per run)
 #   AVG_K=0: k > 0 also scores every model by avg@k on the dev set (k samples per problem at
@@ -54,9 +55,13 @@ FINAL=${FINAL:-0}
 AVG_K=${AVG_K:-0}
 SAVE_STEPS=${SAVE_STEPS:-0}
 FINAL_N=${FINAL_N:-285}
-# countdown-worked's warm-start completions run 124-166 tokens (scripts/warm_start_lengths.py): a
-# shorter budget would cut the answer off and score it 0
-case $TASK in countdown-worked*) TOKENS_DEFAULT=192 AVG_TOKENS_DEFAULT=192 ;; *) TOKENS_DEFAULT=128 AVG_TOKENS_DEFAULT=64 ;; esac
+# countdown-worked's warm-start completions run 124-166 tokens (scripts/warm_start_lengths.py), and
+# countdown-pairs-worked's 56-101: a shorter budget would cut the answer off and score it 0
+case $TASK in
+  countdown-worked*) TOKENS_DEFAULT=192 AVG_TOKENS_DEFAULT=192 ;;
+  countdown-pairs-worked*) TOKENS_DEFAULT=128 AVG_TOKENS_DEFAULT=128 ;;
+  *) TOKENS_DEFAULT=128 AVG_TOKENS_DEFAULT=64 ;;
+esac
 EVAL_TOKENS=${EVAL_TOKENS:-$TOKENS_DEFAULT}
 AVG_TOKENS=${AVG_TOKENS:-$AVG_TOKENS_DEFAULT}
 CODE_DIR=$("$PY" -c "import attnrhythm, os; print(os.path.dirname(os.path.dirname(attnrhythm.__file__)))")

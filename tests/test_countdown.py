@@ -108,6 +108,21 @@ def test_worked_small_setting_has_numbers_up_to_10_and_its_own_splits():
         task.load("test", 400, 0)
 
 
+def test_pairs_worked_setting_is_countdown_pairs_with_a_worked_warm_start():
+    """countdown-pairs-worked: countdown-pairs' rows on every split (the same dev and final sets),
+    and warm-start targets that try failed operations before the one that reaches the target."""
+    from attnrhythm.train.sft import worked_completion
+
+    task, pairs = get_task("countdown-pairs-worked"), get_task("countdown-pairs")
+    assert task.splits == pairs.splits
+    for split, n in (("train", 300), ("test", 256), ("final", 285)):
+        assert task.load(split, n, 3) == pairs.load(split, n, 3)
+    for row in task.load("train", 50, 1234):
+        text = worked_completion(row["numbers"], row["target"])
+        assert text.count(" Try ") >= 1 and "Found: " in text
+        assert score_countdown(text, row["numbers"], row["target"]) == 1.0
+
+
 def test_solver():
     expr = solve_countdown([3, 3, 8, 8], 24)  # needs a fractional intermediate: 8 / (3 - 8/3)
     assert expr is not None and evaluate(expr) == 24

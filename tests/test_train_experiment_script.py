@@ -221,10 +221,12 @@ def test_a_run_that_fails_while_a_finished_run_is_scored_is_not_missed(tmp_path)
 
 
 @pytest.mark.parametrize("task, greedy_tokens, sampled_tokens", [("countdown-pairs", "128", "64"),
-                                                                  ("countdown-worked", "192", "192")])
+                                                                  ("countdown-worked", "192", "192"),
+                                                                  ("countdown-worked-small", "192", "192"),
+                                                                  ("countdown-pairs-worked", "128", "128")])
 def test_evaluation_token_budget_follows_the_task(tmp_path, task, greedy_tokens, sampled_tokens):
-    """countdown-worked's warm-start completions run up to 166 tokens: the default budgets of the
-    short tasks would cut their answers off and score them 0."""
+    """countdown-worked's warm-start completions run up to 166 tokens, countdown-pairs-worked's up
+    to 101: the default budgets of the short tasks would cut their answers off and score them 0."""
     env = _environment(tmp_path, TASK=task, CREDITS="none", SEEDS="0", JOBS="1")
     code, output, calls = _run_script(env, tmp_path / "calls.log")
     assert code == 0, output
