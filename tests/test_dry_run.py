@@ -234,7 +234,7 @@ def test_paper_configs_pass_the_dry_run(path, tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_recipes_pass_the_dry_run_on_the_cpu_preset(path, tmp_path, monkeypatch, capsys):
     """Every examples/recipes file loads on top of `--preset cpu` as its comment says."""
-    assert {p.stem for p in RECIPES} >= {"pairs-r1", "worked-r1"}
+    assert {p.stem for p in RECIPES} >= {"pairs-r1", "worked-r1", "pairs-worked-r1"}
     monkeypatch.chdir(tmp_path)
     assert train_main("--config", str(path), "--preset", "cpu", "--dry-run") == 0
     out = capsys.readouterr().out

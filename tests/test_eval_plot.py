@@ -256,16 +256,17 @@ def test_warm_start_targets_follow_the_variant(smol_tokenizer):
                                                                f"</think>\n<answer> {expr} </answer>")
 
 
-def test_worked_recipe_leaves_room_for_the_worked_completions(smol_tokenizer):
-    """examples/recipes/worked-r1.yaml: its max_completion_length holds every warm-start completion
-    (eos included) of 300 countdown-worked train rows, which run past 100 tokens (issue 15)."""
+@pytest.mark.parametrize("recipe_name, shortest", [("worked-r1", 100), ("pairs-worked-r1", 50)])
+def test_worked_recipes_leave_room_for_the_worked_completions(smol_tokenizer, recipe_name, shortest):
+    """examples/recipes/worked-r1.yaml and pairs-worked-r1.yaml: max_completion_length holds every
+    warm-start completion (eos included) of 300 train rows of the recipe's task, which run past 100
+    (countdown-worked) or 50 tokens (countdown-pairs-worked; issue 15)."""
     import yaml
 
-    recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "examples/recipes/worked-r1.yaml").read_text())
-    assert recipe["task"] == "countdown-worked"
-    rows = get_task("countdown-worked").load("train", 300, 1234)
-    lengths = [len(c) for _, c in sft_examples(rows, smol_tokenizer, "countdown-worked")]
-    assert 100 < min(lengths) and max(lengths) < recipe["max_completion_length"], (min(lengths), max(lengths))
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / f"examples/recipes/{recipe_name}.yaml").read_text())
+    rows = get_task(recipe["task"]).load("train", 300, 1234)
+    lengths = [len(c) for _, c in sft_examples(rows, smol_tokenizer, recipe["task"])]
+    assert shortest < min(lengths) and max(lengths) < recipe["max_completion_length"], (min(lengths), max(lengths))
 
 
 def test_worked_warm_start_refuses_test_and_final_rows(smol_tokenizer):
