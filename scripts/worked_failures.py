@@ -10,7 +10,7 @@ the target. </think> <answer> expr </answer>``.  A failed sample is, by the firs
 - ``false step``: a step ``a op b = c`` after "Found:" is false (checked in exact Fractions);
 - ``false claim``: every step is true but "X equals the target" names an X that is not the target;
 - ``other``: the rest (e.g. true steps that are not the answer's expression).
-The two "false" kinds are arithmetic slips.  The model's text is only matched by a linear regular
+A false step is an arithmetic slip; a false claim is a wrong verdict.  The model's text is only matched by a linear regular
 expression over its first 4,000 characters: nothing is evaluated but the answer, by safe_eval.
 """
 from __future__ import annotations

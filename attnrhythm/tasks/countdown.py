@@ -54,13 +54,14 @@ bucket [0.1, 0.2)) is new."""
 WORKED_SMALL = {**WORKED, "max_number": 10}
 """**Decision** (task option "countdown-worked-small"): WORKED with numbers up to 10.  Why: the
 countdown-worked warm start solves 12.1% of its dev set, below the 30-60% a GRPO comparison wants,
-and 159 of its 225 failures are arithmetic slips on numbers up to 20 (a 100-step warm start did
-worse: 7.8%, 215 slips in 236 failures; docs/training.md).  Numbers up to 10 keep products within the target range.  Its
+and half of its failures state a solution with a false step (docs/training.md, "Warm start");
+numbers up to 10 keep products within the targets.  Measured: it solves 8.2%, no better.  Its
 instance space is small (~2,900: test 300, final 305, train 2,310), like countdown-pairs'."""
 PAIRS_WORKED = {**PAIRS, COMPLETION_KEY: "worked"}
 """**Decision** (task option "countdown-pairs-worked"): countdown-pairs' instances and splits (the
 same dev and final sets) with the worked warm start: up to three failed operations before the one
-that reaches the target.  Why: the three-number worked variants' warm starts solve 8-12%."""
+that reaches the target (56-101 tokens).  Why: the three-number worked variants' warm starts solve
+8-12%; this one solves 47.7% (docs/training.md, "Warm start")."""
 VARIANTS = {"countdown": {}, "countdown-easy": EASY, "countdown-pairs": PAIRS, "countdown-worked": WORKED,
             "countdown-worked-small": WORKED_SMALL, "countdown-pairs-worked": PAIRS_WORKED}
 """Every generated Countdown variant by task name; "-dense" on any of them adds nearness credit.
